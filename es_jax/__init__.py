@@ -1,0 +1,39 @@
+"""es_jax: Evolution Strategies for fine-tuning language models in JAX."""
+
+from es_jax import shaping
+from es_jax.awd import AnchoredWeightDecayState
+from es_jax.awd import anchored_weight_decay
+from es_jax.es import EsConfig
+from es_jax.es import EsState
+from es_jax.es import es_step
+from es_jax.es import member_noise
+from es_jax.es import member_params
+from es_jax.layers import Dense
+from es_jax.noise import LowRank
+from es_jax.noise import NoiseSpec
+from es_jax.noise import materialize
+from es_jax.noise import perturb
+from es_jax.shaping import antithetic_difference
+from es_jax.shaping import centered_rank
+from es_jax.shaping import group_z_score
+from es_jax.shaping import z_score
+
+__all__ = [
+    "AnchoredWeightDecayState",
+    "Dense",
+    "EsConfig",
+    "EsState",
+    "LowRank",
+    "NoiseSpec",
+    "anchored_weight_decay",
+    "antithetic_difference",
+    "centered_rank",
+    "es_step",
+    "group_z_score",
+    "materialize",
+    "member_noise",
+    "member_params",
+    "perturb",
+    "shaping",
+    "z_score",
+]

@@ -1,0 +1,280 @@
+"""The ES step as an optax ``GradientTransformationExtraArgs``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from es_jax import noise as noise_lib
+from es_jax import shaping
+from es_jax.noise import NoiseSpec
+
+PyTree = Any
+RewardFn = Callable[..., jax.Array]
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class EsConfig:
+  """Static settings of an :func:`es_step` (no leaves: travels in the state's treedef)."""
+
+  noise: NoiseSpec
+  fitness_shaping: Callable[[jax.Array], jax.Array]
+  estimator: Literal["gradient", "qiu"]
+  on_failure: Literal["exclude", "worst"]
+  chunk_size: int | None
+  population_axis: str
+
+
+class EsState(NamedTuple):
+  """State of :func:`es_step`.
+
+  Attributes:
+    count: generation counter; generation ``count`` uses noise folded from it.
+    rng_key: base key; the noise of a generation is a pure function of
+      ``(rng_key, count, member, leaf path)``.
+    rewards: raw rewards of the last generation, shape ``(population,)``.
+    num_failed: how many of them were NaN/inf.
+    config: static settings (no array leaves), so that :func:`member_params`
+      and :func:`member_noise` need only the state.
+  """
+
+  count: jax.Array
+  rng_key: jax.Array
+  rewards: jax.Array
+  num_failed: jax.Array
+  config: EsConfig
+
+
+def es_step(
+    reward_fn: RewardFn | None,
+    *,
+    population: int,
+    sigma: float,
+    key: jax.Array,
+    rank: int | None = 1,
+    antithetic: bool = True,
+    fitness_shaping: Callable[[jax.Array], jax.Array] = shaping.z_score,
+    estimator: Literal["gradient", "qiu"] = "gradient",
+    reward_input: Literal["params", "noise"] = "params",
+    on_failure: Literal["exclude", "worst"] = "exclude",
+    vector_noise: Literal["full", "frozen"] = "full",
+    freeze: tuple[str, ...] | str = (),
+    chunk_size: int | None = None,
+    population_axis: str = "pop",
+) -> optax.GradientTransformationExtraArgs:
+  """Evolution Strategies estimate of the reward gradient, as a descent direction.
+
+  Each ``update`` is one ES generation: it evaluates ``population`` perturbed
+  copies of ``params`` (``theta + sigma * eps_i``), shapes their rewards and
+  returns ``-c * sum_i f_i eps_i``; chain it before any optax optimizer.
+
+  Scaling ``c`` (``estimator``):
+    * ``"gradient"`` (default): ``c = 1 / (N sigma)``, the textbook OpenAI-ES
+      estimate of the gradient of the Gaussian-smoothed reward.
+    * ``"qiu"``: ``c = 1 / N``. With ``fitness_shaping=z_score``,
+      ``antithetic=False``, ``rank=None`` and ``optax.sgd(alpha)`` after it,
+      this is exactly Qiu et al.'s ``theta += alpha / N * sum_n Z_n eps_n``.
+  ``N`` counts the members that did not fail (NaN/inf reward).
+
+  Noise: EGGROLL low-rank ``eps = A B^T / sqrt(rank)`` for matrix leaves
+  (``rank=None`` gives full-rank Gaussian noise, i.e. vanilla ES), full-rank
+  or frozen for vectors, regenerated from ``(key, count, member, path)`` and
+  never stored; see :mod:`es_jax.noise` for the conventions. Fresh noise every
+  generation; antithetic pairs by default.
+
+  Rewards come from one of:
+    * ``reward_fn(member_params, batch)`` with ``reward_input="params"`` (the
+      generic path: any JAX function; members are formed inside a vmap, in
+      chunks of ``chunk_size`` members);
+    * ``reward_fn(params, member_noise, batch)`` with ``reward_input="noise"``
+      (the fast path: e.g. a model built from :class:`es_jax.Dense` applied with
+      ``{'params': params, 'perturbation': member_noise}``; no member's weights
+      are formed);
+    * ``tx.update(None, state, params, fitness=rewards)`` with ``reward_fn=None``
+      for rewards computed outside JAX; :func:`member_params` gives member
+      ``i``'s parameters for the same state, hence the same noise.
+  ``batch`` is the ``batch=`` extra argument of ``update`` (``None`` if absent).
+
+  Sharding: under ``jax.set_mesh(mesh)`` with an axis named ``population_axis``
+  the members (and the noise draws in the update) are split across that axis;
+  rewards are all-gathered once and each device reduces its members' share.
+
+  Args:
+    reward_fn: higher-is-better scalar reward, or ``None`` (pass ``fitness=``).
+    population: number of members N (even when ``antithetic``).
+    sigma: noise scale (> 0).
+    key: base PRNG key.
+    rank: EGGROLL rank, or ``None`` for full-rank noise.
+    antithetic: evaluate (+eps, -eps) pairs.
+    fitness_shaping: function from ``(N,)`` rewards to weights
+      (:mod:`es_jax.shaping`).
+    estimator: ``"gradient"`` or ``"qiu"`` (see above).
+    reward_input: ``"params"`` or ``"noise"`` (see above).
+    on_failure: ``"exclude"`` failed members, or give them the ``"worst"``
+      finite reward. Either way the update stays finite.
+    vector_noise: ``"full"`` or ``"frozen"`` for leaves with ndim < 2.
+    freeze: regex or regexes of leaf paths to leave unperturbed.
+    chunk_size: members evaluated (and noise draws reduced) per chunk; must
+      divide ``population``. ``None`` evaluates all at once.
+    population_axis: mesh axis name for the population.
+
+  Returns:
+    An optax ``GradientTransformationExtraArgs`` with :class:`EsState`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, es_jax
+    >>> target = jnp.arange(3.0)
+    >>> reward = lambda p, batch: -jnp.sum((p["w"] - target) ** 2)
+    >>> tx = optax.chain(
+    ...     es_jax.es_step(reward, population=32, sigma=0.1, key=jax.random.key(0)),
+    ...     optax.sgd(0.05))
+    >>> params = {"w": jnp.zeros(3)}
+    >>> state = tx.init(params)
+    >>> for _ in range(100):
+    ...   updates, state = tx.update(None, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(jnp.allclose(params["w"], target, atol=0.1))
+    True
+  """
+  if isinstance(freeze, str):
+    freeze = (freeze,)
+  spec = NoiseSpec(population=population, sigma=sigma, rank=rank, antithetic=antithetic,
+                   vector_noise=vector_noise, freeze=tuple(freeze))
+  if estimator not in ("gradient", "qiu"):
+    raise ValueError(f"estimator must be 'gradient' or 'qiu', got {estimator!r}.")
+  if reward_input not in ("params", "noise"):
+    raise ValueError(f"reward_input must be 'params' or 'noise', got {reward_input!r}.")
+  if on_failure not in ("exclude", "worst"):
+    raise ValueError(f"on_failure must be 'exclude' or 'worst', got {on_failure!r}.")
+  if chunk_size is not None and (chunk_size < 1 or population % chunk_size):
+    raise ValueError(f"chunk_size={chunk_size} must be >= 1 and divide population={population}.")
+  if antithetic and chunk_size is not None and chunk_size % 2:
+    raise ValueError(f"chunk_size={chunk_size} must be even so antithetic pairs stay together.")
+  if reward_fn is not None and not callable(reward_fn):
+    raise TypeError(f"reward_fn must be callable or None, got {type(reward_fn).__name__}.")
+  if not (isinstance(key, jax.Array) and key.shape == ()):
+    raise TypeError("key must be a single PRNG key such as jax.random.key(0), "
+                    f"got {type(key).__name__} of shape {getattr(key, 'shape', None)}.")
+  config = EsConfig(noise=spec, fitness_shaping=fitness_shaping, estimator=estimator,
+                    on_failure=on_failure, chunk_size=chunk_size, population_axis=population_axis)
+
+  def init_fn(params):
+    # Validates every leaf against the noise spec (e.g. rank too large) early.
+    jax.tree_util.tree_map_with_path(
+        lambda path, x: noise_lib.leaf_kind(spec, noise_lib.path_str(path), tuple(x.shape)),
+        params)
+    return EsState(count=jnp.zeros([], jnp.int32), rng_key=key,
+                   rewards=jnp.zeros([population], jnp.float32),
+                   num_failed=jnp.zeros([], jnp.int32), config=config)
+
+  def update_fn(updates, state, params=None, *, fitness=None, batch=None, **extra_args):
+    del updates, extra_args  # ES needs no gradient; other extra args belong to other transforms.
+    if params is None:
+      raise ValueError("es_step needs params: call tx.update(None, state, params, ...).")
+    if fitness is None:
+      if reward_fn is None:
+        raise ValueError("No reward: es_step was built with reward_fn=None, so pass the "
+                         "members' rewards as tx.update(..., fitness=rewards).")
+      fitness = _evaluate(reward_fn, reward_input, config, state, params, batch)
+    fitness = jnp.asarray(fitness)
+    if fitness.shape != (population,):
+      raise ValueError(f"fitness must have shape (population,)=({population},), got {fitness.shape}.")
+    rewards = fitness.astype(jnp.float32)
+    updates = _descent_direction(config, state, params, rewards)
+    num_failed = jnp.sum(~jnp.isfinite(rewards)).astype(jnp.int32)
+    return updates, EsState(count=optax.safe_increment(state.count), rng_key=state.rng_key,
+                            rewards=rewards, num_failed=num_failed, config=config)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _population_constraint(config: EsConfig) -> Callable[[jax.Array], jax.Array]:
+  """Shards a member/pair axis over the mesh axis, when the ambient mesh has it."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if config.population_axis not in mesh.axis_names:
+    return lambda x: x
+  return lambda x: jax.lax.with_sharding_constraint(x, jax.P(config.population_axis))
+
+
+def _evaluate(reward_fn, reward_input, config: EsConfig, state: EsState, params, batch):
+  spec = config.noise
+  constrain = _population_constraint(config)
+
+  def member_reward(member):
+    noise = noise_lib.member_noise(spec, state.rng_key, state.count, params, member)
+    if reward_input == "params":
+      reward = reward_fn(noise_lib.perturb(params, noise), batch)
+    else:
+      reward = reward_fn(params, noise, batch)
+    reward = jnp.asarray(reward)
+    if reward.shape != ():
+      raise ValueError(f"reward_fn must return a scalar per member, got shape {reward.shape}.")
+    return reward.astype(jnp.float32)
+
+  chunk = config.chunk_size or spec.population
+  members = jnp.arange(spec.population, dtype=jnp.int32).reshape(-1, chunk)
+  rewards = jax.lax.map(lambda ids: jax.vmap(member_reward)(constrain(ids)), members)
+  # One all-gather of N scalars: shaping needs every member's reward.
+  return _replicate(rewards.reshape(-1), config)
+
+
+def _replicate(x, config: EsConfig):
+  mesh = jax.sharding.get_abstract_mesh()
+  if config.population_axis not in mesh.axis_names:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.P())
+
+
+def _descent_direction(config: EsConfig, state: EsState, params, rewards):
+  spec = config.noise
+  if config.on_failure == "worst":
+    rewards = shaping.replace_failed_with_worst(rewards)
+  valid = jnp.isfinite(rewards)
+  shaped = config.fitness_shaping(rewards)
+  weights = jnp.where(valid & jnp.isfinite(shaped), shaped, 0.0)
+  num_valid = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+  scale = 1.0 / num_valid
+  if config.estimator == "gradient":
+    scale = scale / spec.sigma
+  # Member i contributes f_i * sign_i to the draw of its pair.
+  _, signs = noise_lib.pair_of(spec, jnp.arange(spec.population))
+  pair_weights = (weights * signs).reshape(spec.num_pairs, -1).sum(axis=1) * -scale
+  chunk = None if config.chunk_size is None else config.chunk_size // (2 if spec.antithetic else 1)
+  return noise_lib.weighted_sum(spec, state.rng_key, state.count, params, pair_weights,
+                                chunk_size=chunk, constrain=_population_constraint(config))
+
+
+def member_noise(state: EsState, params: PyTree, member) -> PyTree:
+  """Member ``member``'s perturbation ``sigma * eps`` for the generation ``state`` will update.
+
+  The tree holds :class:`es_jax.LowRank` factors for matrix leaves, dense
+  arrays for full-rank leaves and ``None`` for frozen leaves; pass it to a
+  model built from :class:`es_jax.Dense` as ``{'perturbation': noise}``.
+  """
+  state = _es_state(state)
+  return noise_lib.member_noise(state.config.noise, state.rng_key, state.count, params, member)
+
+
+def member_params(state: EsState, params: PyTree, member) -> PyTree:
+  """Member ``member``'s parameters ``theta + sigma * eps`` for the coming update.
+
+  For rewards computed outside JAX: score ``member_params(es_state, params, i)``
+  for every ``i``, then ``tx.update(None, state, params, fitness=rewards)``.
+  ``state`` may be the :class:`EsState` or a chained optimizer state holding one.
+  """
+  return noise_lib.perturb(params, member_noise(state, params, member))
+
+
+def _es_state(state) -> EsState:
+  if isinstance(state, EsState):
+    return state
+  found = [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, EsState))
+           if isinstance(s, EsState)]
+  if len(found) != 1:
+    raise ValueError(f"expected exactly one EsState in the optimizer state, found {len(found)}.")
+  return found[0]

@@ -1,0 +1,12 @@
+"""Test-wide set-up: 8 fake CPU devices, so sharding tests see a real mesh.
+
+This must run before JAX initialises its backends; every other test still runs
+on the default (first) device unless it builds a mesh.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
