@@ -1,0 +1,129 @@
+"""Evaluation for es_jax: tasks, rewards, log-likelihood scoring, drift metrics, a runner.
+
+Parsing and rewards need only the standard library; model-based evaluation
+takes the model as a callable (see :mod:`es_jax.evaluation.runner`).
+"""
+
+from __future__ import annotations
+
+from es_jax.evaluation.base import GenerativeTask, LoglikTask, Scored, chat_prompt
+from es_jax.evaluation.countdown import (
+    CountdownExample,
+    CountdownReward,
+    CountdownTask,
+    countdown_prompt,
+    countdown_reward,
+    countdown_reward_parts,
+    generate_instances,
+    solve,
+)
+from es_jax.evaluation.data import DataError, select_indices
+from es_jax.evaluation.drift import (
+    DEFAULT_GROUP_RULES,
+    DriftReport,
+    GroupDrift,
+    TensorDrift,
+    assign_group,
+    drift_report,
+    flatten_with_paths,
+    global_drift_norm,
+    group_paths,
+    mean_token_kl,
+    per_token_kl,
+)
+from es_jax.evaluation.gsm8k import (
+    GSM8KExample,
+    GSM8KTask,
+    extract_answer,
+    gold_answer,
+    gsm8k_reward,
+    numbers_match,
+    parse_number,
+)
+from es_jax.evaluation.hellaswag import (
+    HellaSwagExample,
+    HellaSwagTask,
+    loglik_predictions,
+    parse_choice,
+    preprocess,
+)
+from es_jax.evaluation.loglik import ChoiceLoglik, LogitsFn, encode_pair, score_continuations
+from es_jax.evaluation.registry import TASKS, get_task
+from es_jax.evaluation.runner import (
+    EvalRecord,
+    EvalResult,
+    EvalSummary,
+    Generator,
+    PopulationEvalResult,
+    PopulationGenerator,
+    evaluate_generation,
+    evaluate_loglik,
+    evaluate_population,
+    summarize,
+)
+from es_jax.evaluation.safe_arith import (
+    ArithLimits,
+    UnsafeExpressionError,
+    evaluate as evaluate_expression,
+    try_evaluate as try_evaluate_expression,
+)
+
+__all__ = [
+    "ArithLimits",
+    "ChoiceLoglik",
+    "CountdownExample",
+    "CountdownReward",
+    "CountdownTask",
+    "DEFAULT_GROUP_RULES",
+    "DataError",
+    "DriftReport",
+    "EvalRecord",
+    "EvalResult",
+    "EvalSummary",
+    "GSM8KExample",
+    "GSM8KTask",
+    "GenerativeTask",
+    "Generator",
+    "GroupDrift",
+    "HellaSwagExample",
+    "HellaSwagTask",
+    "LogitsFn",
+    "LoglikTask",
+    "PopulationEvalResult",
+    "PopulationGenerator",
+    "Scored",
+    "TASKS",
+    "TensorDrift",
+    "UnsafeExpressionError",
+    "assign_group",
+    "chat_prompt",
+    "countdown_prompt",
+    "countdown_reward",
+    "countdown_reward_parts",
+    "drift_report",
+    "encode_pair",
+    "evaluate_expression",
+    "evaluate_generation",
+    "evaluate_loglik",
+    "evaluate_population",
+    "extract_answer",
+    "flatten_with_paths",
+    "generate_instances",
+    "get_task",
+    "global_drift_norm",
+    "gold_answer",
+    "group_paths",
+    "gsm8k_reward",
+    "loglik_predictions",
+    "mean_token_kl",
+    "numbers_match",
+    "parse_choice",
+    "parse_number",
+    "per_token_kl",
+    "preprocess",
+    "score_continuations",
+    "select_indices",
+    "solve",
+    "summarize",
+    "try_evaluate_expression",
+]
