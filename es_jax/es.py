@@ -11,6 +11,7 @@ import optax
 
 from es_jax import noise as noise_lib
 from es_jax import shaping
+from es_jax import sharding
 from es_jax.noise import NoiseSpec
 
 PyTree = Any
@@ -120,7 +121,8 @@ def es_step(
     vector_noise: ``"full"`` or ``"frozen"`` for leaves with ndim < 2.
     freeze: regex or regexes of leaf paths to leave unperturbed.
     chunk_size: members evaluated (and noise draws reduced) per chunk; must
-      divide ``population``. ``None`` evaluates all at once.
+      divide ``population`` (and be a multiple of the population mesh axis
+      size when sharded). ``None`` evaluates all at once.
     population_axis: mesh axis name for the population.
 
   Returns:
@@ -193,17 +195,8 @@ def es_step(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def _population_constraint(config: EsConfig) -> Callable[[jax.Array], jax.Array]:
-  """Shards a member/pair axis over the mesh axis, when the ambient mesh has it."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if config.population_axis not in mesh.axis_names:
-    return lambda x: x
-  return lambda x: jax.lax.with_sharding_constraint(x, jax.P(config.population_axis))
-
-
 def _evaluate(reward_fn, reward_input, config: EsConfig, state: EsState, params, batch):
   spec = config.noise
-  constrain = _population_constraint(config)
 
   def member_reward(member):
     noise = noise_lib.member_noise(spec, state.rng_key, state.count, params, member)
@@ -217,17 +210,16 @@ def _evaluate(reward_fn, reward_input, config: EsConfig, state: EsState, params,
     return reward.astype(jnp.float32)
 
   chunk = config.chunk_size or spec.population
+  axis = config.population_axis
+  if chunk % sharding.axis_size(axis):
+    raise ValueError(
+        f"{chunk} members per chunk cannot be split over the {sharding.axis_size(axis)} devices "
+        f"of mesh axis '{axis}'; make chunk_size (or population) a multiple of it.")
   members = jnp.arange(spec.population, dtype=jnp.int32).reshape(-1, chunk)
-  rewards = jax.lax.map(lambda ids: jax.vmap(member_reward)(constrain(ids)), members)
+  rewards = jax.lax.map(
+      lambda ids: jax.vmap(member_reward)(sharding.shard_population(ids, axis)), members)
   # One all-gather of N scalars: shaping needs every member's reward.
-  return _replicate(rewards.reshape(-1), config)
-
-
-def _replicate(x, config: EsConfig):
-  mesh = jax.sharding.get_abstract_mesh()
-  if config.population_axis not in mesh.axis_names:
-    return x
-  return jax.lax.with_sharding_constraint(x, jax.P())
+  return sharding.replicate(rewards, axis).reshape(-1)
 
 
 def _descent_direction(config: EsConfig, state: EsState, params, rewards):
@@ -244,9 +236,9 @@ def _descent_direction(config: EsConfig, state: EsState, params, rewards):
   # Member i contributes f_i * sign_i to the draw of its pair.
   _, signs = noise_lib.pair_of(spec, jnp.arange(spec.population))
   pair_weights = (weights * signs).reshape(spec.num_pairs, -1).sum(axis=1) * -scale
-  chunk = None if config.chunk_size is None else config.chunk_size // (2 if spec.antithetic else 1)
+  # As many noise draws per chunk as members are evaluated per chunk: the same memory bound.
   return noise_lib.weighted_sum(spec, state.rng_key, state.count, params, pair_weights,
-                                chunk_size=chunk, constrain=_population_constraint(config))
+                                chunk_size=config.chunk_size, population_axis=config.population_axis)
 
 
 def member_noise(state: EsState, params: PyTree, member) -> PyTree:

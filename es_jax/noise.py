@@ -25,10 +25,12 @@ import dataclasses
 import math
 import re
 import zlib
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from es_jax import sharding
 
 PyTree = Any
 LeafKind = Literal["lowrank", "full", "frozen"]
@@ -197,8 +199,7 @@ def perturb(params: PyTree, noise: PyTree) -> PyTree:
 
 
 def weighted_sum(spec: NoiseSpec, key, generation, params: PyTree, pair_weights: jax.Array,
-                 *, chunk_size: int | None = None,
-                 constrain: Callable[[jax.Array], jax.Array] = lambda x: x) -> PyTree:
+                 *, chunk_size: int | None = None, population_axis: str | None = None) -> PyTree:
   """``sum_k w_k eps_k`` over pairs (unit noise, no sigma), shaped like ``params``.
 
   Low-rank leaves are reduced as ``A^T diag(w) B`` by one einsum per chunk of
@@ -210,13 +211,13 @@ def weighted_sum(spec: NoiseSpec, key, generation, params: PyTree, pair_weights:
     key, generation: as in :func:`member_noise`.
     params: tree of arrays or ``ShapeDtypeStruct`` giving shapes and dtypes.
     pair_weights: ``(spec.num_pairs,)`` weights.
-    chunk_size: pairs per chunk (must divide ``num_pairs``); ``None`` = all.
-    constrain: applied to each chunk's pair ids (used to shard pairs).
+    chunk_size: at most this many pairs per chunk (the largest divisor of
+      ``num_pairs`` that divides it); ``None`` = all at once.
+    population_axis: mesh axis to split each chunk's pairs over (see
+      :mod:`es_jax.sharding`); every device reduces its share, then one all-reduce.
   """
   num_pairs = spec.num_pairs
-  chunk = num_pairs if chunk_size is None else min(chunk_size, num_pairs)
-  if num_pairs % chunk:
-    raise ValueError(f"chunk size {chunk} must divide the number of noise draws {num_pairs}.")
+  chunk = num_pairs if chunk_size is None else math.gcd(chunk_size, num_pairs)
   pair_ids = jnp.arange(num_pairs, dtype=jnp.int32).reshape(-1, chunk)
   weights = pair_weights.astype(jnp.float32).reshape(-1, chunk)
 
@@ -228,13 +229,15 @@ def weighted_sum(spec: NoiseSpec, key, generation, params: PyTree, pair_weights:
 
     def body(total, ids_and_w):
       ids, w = ids_and_w
-      ids = constrain(ids)
+      ids = sharding.shard_population(ids, population_axis)
+      w = sharding.shard_population(w, population_axis)
       noise = jax.vmap(lambda p: draw(spec, key, generation, path, x.shape, p))(ids)
+      out = sharding.reduced_sharding(population_axis)
       if kind == "lowrank":
-        part = jnp.einsum("kmr,k,knr->mn", noise.a, w, noise.b) / math.sqrt(spec.rank)
-        part = part.reshape(x.shape)
+        part = jnp.einsum("kmr,k,knr->mn", noise.a, w, noise.b, out_sharding=out)
+        part = part.reshape(x.shape) / math.sqrt(spec.rank)
       else:
-        part = jnp.tensordot(w, noise, axes=1)
+        part = jnp.einsum("k,k...->...", w, noise, out_sharding=out)
       return total + part, None
 
     total, _ = jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (pair_ids, weights))
