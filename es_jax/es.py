@@ -134,11 +134,12 @@ def es_step(
     >>> reward = lambda p, batch: -jnp.sum((p["w"] - target) ** 2)
     >>> tx = optax.chain(
     ...     es_jax.es_step(reward, population=32, sigma=0.1, key=jax.random.key(0)),
-    ...     optax.sgd(0.05))
+    ...     optax.sgd(0.01))
     >>> params = {"w": jnp.zeros(3)}
     >>> state = tx.init(params)
+    >>> update = jax.jit(tx.update)
     >>> for _ in range(100):
-    ...   updates, state = tx.update(None, state, params)
+    ...   updates, state = update(None, state, params)
     ...   params = optax.apply_updates(params, updates)
     >>> bool(jnp.allclose(params["w"], target, atol=0.1))
     True

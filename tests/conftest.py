@@ -10,3 +10,6 @@ os.environ.setdefault("XLA_FLAGS", "")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+# A worker script run in subprocesses by test_sharding.py; importing it would start a JAX cluster.
+collect_ignore = ["multiprocess_worker.py"]
