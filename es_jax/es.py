@@ -160,9 +160,18 @@ def es_step(
     raise ValueError(f"chunk_size={chunk_size} must be even so antithetic pairs stay together.")
   if reward_fn is not None and not callable(reward_fn):
     raise TypeError(f"reward_fn must be callable or None, got {type(reward_fn).__name__}.")
-  if not (isinstance(key, jax.Array) and key.shape == ()):
-    raise TypeError("key must be a single PRNG key such as jax.random.key(0), "
-                    f"got {type(key).__name__} of shape {getattr(key, 'shape', None)}.")
+  if not (isinstance(key, jax.Array) and key.shape == ()
+          and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
+    raise TypeError("key must be a single typed PRNG key such as jax.random.key(0), got "
+                    f"{type(key).__name__} of dtype {getattr(key, 'dtype', None)} and shape "
+                    f"{getattr(key, 'shape', None)}.")
+  if str(jax.random.key_impl(key)) != "threefry2x32":
+    # rbg's batching rule draws a whole vmapped batch from the first key, so a
+    # member's noise would depend on how the members are batched, and the
+    # update would not see the noise the forward pass used.
+    raise ValueError(f"key uses the {str(jax.random.key_impl(key))!r} PRNG; es_step needs "
+                     "threefry2x32 (jax.random.key(seed)) so that noise is the same however "
+                     "members are batched or sharded.")
   config = EsConfig(noise=spec, fitness_shaping=fitness_shaping, estimator=estimator,
                     on_failure=on_failure, chunk_size=chunk_size, population_axis=population_axis)
 
@@ -199,8 +208,7 @@ def es_step(
 def _evaluate(reward_fn, reward_input, config: EsConfig, state: EsState, params, batch):
   spec = config.noise
 
-  def member_reward(member):
-    noise = noise_lib.member_noise(spec, state.rng_key, state.count, params, member)
+  def reward_of(noise):
     if reward_input == "params":
       reward = reward_fn(noise_lib.perturb(params, noise), batch)
     else:
@@ -210,16 +218,27 @@ def _evaluate(reward_fn, reward_input, config: EsConfig, state: EsState, params,
       raise ValueError(f"reward_fn must return a scalar per member, got shape {reward.shape}.")
     return reward.astype(jnp.float32)
 
-  chunk = config.chunk_size or spec.population
+  def draw_rewards(draw):
+    # One noise draw serves both members of an antithetic pair: drawing is the
+    # costly part of a fast-path forward, flipping the sign is free.
+    members_per_draw = 2 if spec.antithetic else 1
+    noise = noise_lib.member_noise(spec, state.rng_key, state.count, params,
+                                   draw * members_per_draw)
+    signs = jnp.array([1.0, -1.0][:members_per_draw])
+    return jax.vmap(lambda sign: reward_of(noise_lib.scale_noise(noise, sign)))(signs)
+
+  draws_per_chunk = (config.chunk_size or spec.population) * spec.num_pairs // spec.population
   axis = config.population_axis
-  if chunk % sharding.axis_size(axis):
+  if draws_per_chunk % sharding.axis_size(axis):
     raise ValueError(
-        f"{chunk} members per chunk cannot be split over the {sharding.axis_size(axis)} devices "
-        f"of mesh axis '{axis}'; make chunk_size (or population) a multiple of it.")
-  members = jnp.arange(spec.population, dtype=jnp.int32).reshape(-1, chunk)
+        f"{draws_per_chunk} noise draws per chunk cannot be split over the "
+        f"{sharding.axis_size(axis)} devices of mesh axis '{axis}'; make chunk_size (or "
+        "population) a multiple of the axis size (times 2 with antithetic sampling).")
+  draws = jnp.arange(spec.num_pairs, dtype=jnp.int32).reshape(-1, draws_per_chunk)
   rewards = jax.lax.map(
-      lambda ids: jax.vmap(member_reward)(sharding.shard_population(ids, axis)), members)
-  # One all-gather of N scalars: shaping needs every member's reward.
+      lambda ids: jax.vmap(draw_rewards)(sharding.shard_population(ids, axis)), draws)
+  # One all-gather of N scalars: shaping needs every member's reward. Members
+  # 2k and 2k+1 are draw k's (+, -) pair, so row-major order is member order.
   return sharding.replicate(rewards, axis).reshape(-1)
 
 

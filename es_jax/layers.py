@@ -56,7 +56,7 @@ class Dense(nn.Module):
 
   Attributes:
     features: output size, or a tuple of output axes (e.g. ``(heads, head_dim)``).
-    use_bias: add a bias of shape ``features``.
+    use_bias: add a bias, stored flat with shape ``(prod(features),)``.
     dtype: computation dtype (default: the input's).
     param_dtype: parameter dtype (keep float32 as the ES master copy).
 
@@ -87,8 +87,8 @@ class Dense(nn.Module):
     y = jnp.einsum("...m,mn->...n", x.astype(dtype), kernel.reshape(x.shape[-1], -1).astype(dtype))
     if isinstance(noise, LowRank):
       y = y + lowrank_matmul(x, noise, dtype)
-    y = y.reshape(*x.shape[:-1], *features)
     if self.use_bias:
-      bias = self.param("bias", self.bias_init, features, self.param_dtype)
+      # Kept 1-D whatever the feature axes, so the noise rule sees a vector.
+      bias = self.param("bias", self.bias_init, (y.shape[-1],), self.param_dtype)
       y = y + add_noise(bias, param_noise(self, "bias")).astype(dtype)
-    return y
+    return y.reshape(*x.shape[:-1], *features)

@@ -182,6 +182,17 @@ def member_noise(spec: NoiseSpec, key, generation, params: PyTree, member) -> Py
   return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+def scale_noise(noise: PyTree, factor) -> PyTree:
+  """A noise tree times ``factor`` (e.g. -1 for the antithetic partner), factors untouched."""
+  def leaf(n):
+    if n is None:
+      return None
+    if isinstance(n, LowRank):
+      return n._replace(scale=n.scale * factor)
+    return n * factor
+  return jax.tree.map(leaf, noise, is_leaf=_is_noise_leaf)
+
+
 def materialize(noise, shape, dtype=jnp.float32) -> jax.Array:
   """Dense array of one leaf's noise (zeros for a frozen leaf)."""
   if noise is None:

@@ -15,7 +15,7 @@ class Mlp(nn.Module):
 
 
 def problem():
-  """(es transformation, params, batch) for a 16-member rank-2 fast-path ES step."""
+  """(es transformation, params, batch) for a 32-member rank-2 fast-path ES step, 2 chunks."""
   x = jax.random.normal(jax.random.key(5), (9, 7))
   params = Mlp().init(jax.random.key(6), x)["params"]
 
@@ -23,8 +23,8 @@ def problem():
     out = Mlp().apply({"params": params, "perturbation": noise}, batch)
     return -jnp.mean((out - 1.0) ** 2)
 
-  es = es_jax.es_step(reward, population=16, sigma=0.05, key=jax.random.key(3), rank=2,
-                      reward_input="noise", chunk_size=8)
+  es = es_jax.es_step(reward, population=32, sigma=0.05, key=jax.random.key(3), rank=2,
+                      reward_input="noise", chunk_size=16)
   return es, params, x
 
 

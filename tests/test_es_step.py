@@ -256,6 +256,22 @@ def test_validation_errors():
     es.update(None, es.init(THETA), THETA)
   with pytest.raises(ValueError, match=r"shape \(population,\)"):
     es.update(None, es.init(THETA), THETA, fitness=jnp.zeros(5))
+  with pytest.raises(ValueError, match="threefry"):
+    es_jax.es_step(quadratic, population=4, sigma=0.1, key=jax.random.key(0, impl="rbg"))
+  with pytest.raises(TypeError, match="typed PRNG key"):
+    es_jax.es_step(quadratic, population=4, sigma=0.1, key=jax.random.PRNGKey(0))
   vector_reward = es_jax.es_step(lambda p, b: p["b"], population=4, sigma=0.1, key=key)
   with pytest.raises(ValueError, match="scalar"):
     vector_reward.update(None, vector_reward.init(THETA), THETA)
+
+
+def test_dense_with_feature_axes_and_bias_takes_lowrank_noise():
+  layer = es_jax.Dense((3, 5), use_bias=True)
+  params = layer.init(jax.random.key(0), X)["params"]
+  assert params["bias"].shape == (15,)
+  spec = es_jax.NoiseSpec(population=2, sigma=0.2, rank=1)
+  noise = es_jax.noise.member_noise(spec, jax.random.key(1), 0, params, 0)
+  got = layer.apply({"params": params, "perturbation": noise}, X)
+  dense = es_jax.perturb(params, noise)
+  want = (np.asarray(X) @ np.asarray(dense["kernel"]).reshape(7, 15) + np.asarray(dense["bias"]))
+  np.testing.assert_allclose(got.reshape(9, 15), want, atol=1e-5)

@@ -27,8 +27,9 @@ def test_eight_devices_match_one(axis_type):
     hlo = update.lower(None, es.init(params), params, batch=x).compile().as_text()
   chex.assert_trees_all_close(state.rewards, want_rewards, rtol=1e-5)
   chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
-  # Each device evaluates its 1 of 8 members per chunk of 8 and the update is all-reduced.
-  assert "f32[1,9,11]" in hlo and "f32[8,9,11]" not in hlo
+  # 8 antithetic pairs per chunk of 16 members: each device draws 1 pair and
+  # evaluates its 2 members; the update is all-reduced.
+  assert "f32[1,2,9,11]" in hlo and "f32[8,2,9,11]" not in hlo
   assert re.search(r"all-reduce", hlo)
 
 
