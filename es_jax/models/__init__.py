@@ -1,0 +1,83 @@
+"""Flax ports of Qwen2 / Qwen2.5 and Llama 3.x: checkpoints, population decoding, sharding.
+
+Example::
+
+  from es_jax import models
+  model, params = models.load_model("Qwen/Qwen2.5-0.5B-Instruct")   # bf16 compute, fp32 params
+  tok = models.load_tokenizer("Qwen/Qwen2.5-0.5B-Instruct")
+  models.generate_text(model, params, tok, ["Hi!"], chat_template=True, max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+from es_jax.models.checkpoint import CheckpointError
+from es_jax.models.checkpoint import TensorMapping
+from es_jax.models.checkpoint import load_config
+from es_jax.models.checkpoint import load_model
+from es_jax.models.checkpoint import load_params
+from es_jax.models.checkpoint import param_mapping
+from es_jax.models.checkpoint import resolve_checkpoint
+from es_jax.models.checkpoint import save_pretrained
+from es_jax.models.checkpoint import validate_checkpoint
+from es_jax.models.config import PRESETS
+from es_jax.models.config import ModelConfig
+from es_jax.models.config import RopeScaling
+from es_jax.models.generate import DecodeOutput
+from es_jax.models.generate import DecodeSettings
+from es_jax.models.generate import completion_texts
+from es_jax.models.generate import decode
+from es_jax.models.generate import decode_population
+from es_jax.models.generate import encode_prompts
+from es_jax.models.generate import generate_text
+from es_jax.models.generate import generate_text_population
+from es_jax.models.generate import sample_token
+from es_jax.models.sharding import PARTITION_RULES
+from es_jax.models.sharding import auto_sharded
+from es_jax.models.sharding import param_specs
+from es_jax.models.sharding import shard_params
+from es_jax.models.sharding import shard_population
+from es_jax.models.tokenizer import char_tokenizer
+from es_jax.models.tokenizer import load_tokenizer
+from es_jax.models.transformer import KVCache
+from es_jax.models.transformer import Transformer
+from es_jax.models.transformer import init_cache
+from es_jax.models.transformer import init_params
+from es_jax.models.transformer import logits_fn
+from es_jax.models.transformer import token_logprobs
+
+__all__ = [
+    "CheckpointError",
+    "DecodeOutput",
+    "DecodeSettings",
+    "KVCache",
+    "ModelConfig",
+    "PARTITION_RULES",
+    "PRESETS",
+    "RopeScaling",
+    "TensorMapping",
+    "Transformer",
+    "auto_sharded",
+    "char_tokenizer",
+    "completion_texts",
+    "decode",
+    "decode_population",
+    "encode_prompts",
+    "generate_text",
+    "generate_text_population",
+    "init_cache",
+    "init_params",
+    "load_config",
+    "load_model",
+    "load_params",
+    "load_tokenizer",
+    "logits_fn",
+    "param_mapping",
+    "param_specs",
+    "resolve_checkpoint",
+    "sample_token",
+    "save_pretrained",
+    "shard_params",
+    "shard_population",
+    "token_logprobs",
+    "validate_checkpoint",
+]
