@@ -1,0 +1,575 @@
+"""Population forward: EGGROLL fast path vs plain inference vs full-rank ES.
+
+What is measured (all in one process, float32, default JAX device):
+
+* Model: an MLP of 4 :class:`es_jax.Dense` layers of width 384 (``--quick``:
+  2 x 128) with GELU between them, no biases by default (like the projections
+  of an LLM; ``--bias`` adds biases, which get full-rank vector noise). Width
+  384 rather than 512 keeps full-rank ES at N=1024 (~1M normals per member at
+  512) inside a few minutes on 2 cores; ``--width 512`` runs the larger model.
+* Input: one shared batch ``x`` of B = 16 tokens (rows); every member sees it.
+* Per population size N, each method is jitted (trace + compile timed
+  separately) and run once to warm up; then ``--repeats`` (5) rounds each time
+  every method once with ``jax.block_until_ready`` (interleaved, so that load
+  from other processes on a shared machine hits all methods alike). We report
+  the median (and min) wall time, the throughput in member-tokens/s, i.e.
+  ``N * B / median``, and ratios as medians of the per-round paired ratios:
+
+  1. ``fast r=1`` / ``fast r=4``: es_jax's fast path, ``jax.vmap`` over members
+     of ``model.apply({'params': params, 'perturbation': noise_i}, x)`` where
+     ``noise_i = es_jax.noise.member_noise(spec, key, generation, params, i)``
+     is generated inside the jitted function; params and x are shared
+     (unbatched), so XLA computes ``x @ W`` of the first layer once.
+  2. ``plain``: the same model without perturbation on the N*B rows (x tiled N
+     times, a materialised input), the throughput ceiling.
+  3. ``full-rank``: vanilla ES, ``NoiseSpec(rank=None)``; every member's dense
+     weights are formed with ``es_jax.perturb`` and the model applied to them.
+     Members run in chunks of 64 with ``jax.lax.map(batch_size=64)`` (a vmap
+     over all members would hold N dense copies of the weights; at N <= 64 the
+     chunk is the whole population, i.e. a plain vmap).
+
+  Ratios: ``fast/plain`` (throughput, target >= 0.9 at N=256) and
+  ``fast/full`` (speed-up over full-rank ES, target >= 50).
+
+* Variants at one N, timed in the same rounds as the main methods (to locate
+  the overhead of the fast path): the fast path with a per-member copy of x
+  (no first-layer sharing); with the noise generated outside the timed
+  function (the cost of applying it, with shared or per-member x); and with
+  the noise drawn once per antithetic pair instead of once per member (a local
+  variant, not es_jax's API).
+* A sweep over B (tokens per member) at a small N (throughput per member-token
+  of every method is nearly independent of N).
+* PRNG: time to generate one generation's noise (``member_noise`` for all N
+  members under jit + vmap) with threefry2x32 (default and with
+  ``jax_threefry_partitionable=False``), rbg and unsafe_rbg keys; and whether
+  each gives a member the same noise alone, inside a vmap over members, and in
+  ``lax.map`` chunks, whether antithetic partners stay exact negatives inside
+  a vmap, and whether ``es_jax.noise.weighted_sum`` (the update, which draws per
+  pair in its own batching) agrees with the forward's noise. The safety check
+  uses a small tree (one 64 x 48 kernel and a bias): the property does not
+  depend on sizes, and threefry programs are slow to compile.
+
+Timings depend on what else runs on the machine: the JSON records the load
+average before and after.
+
+Run (from the repository root)::
+
+  python -m benchmarks.population_forward            # full grid, ~5-7 min on 2 cores
+  python -m benchmarks.population_forward --quick    # smoke run, ~2 min (mostly compiling)
+  python -m benchmarks.population_forward --out results/population_forward.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import es_jax
+from es_jax import noise as noise_lib
+from es_jax.noise import LowRank, NoiseSpec
+
+SIGMA = 1e-2
+FULL_RANK_CHUNK = 64
+PRNG_IMPLS = ("threefry2x32", "threefry2x32/non-partitionable", "rbg", "unsafe_rbg")
+MAIN_METHODS = ("plain", "fast r=1", "fast r=4", "full-rank")
+SWEEP_METHODS = ("plain", "fast r=1", "full-rank")
+VARIANT_METHODS = ("per-member x r=1", "noise given r=1", "noise given, per-member x r=1",
+                   "per-pair draw r=1", "noise given r=4", "per-pair draw r=4")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  """What to run: model size, population sizes and repeats."""
+
+  width: int
+  depth: int
+  tokens: int  # B, rows per member.
+  populations: tuple[int, ...]
+  variant_population: int  # N of the variants and the low-rank PRNG timings.
+  sweep_population: int  # N of the B sweep.
+  sweep_tokens: tuple[int, ...]
+  full_noise_population: int  # N of the full-rank PRNG timing (cost ~ N d^2).
+  repeats: int
+  use_bias: bool = False
+
+
+FULL = Grid(width=384, depth=4, tokens=16, populations=(64, 256, 1024), variant_population=256,
+            sweep_population=64, sweep_tokens=(8, 64), full_noise_population=16, repeats=5)
+QUICK = Grid(width=128, depth=2, tokens=8, populations=(8, 32), variant_population=32,
+             sweep_population=8, sweep_tokens=(32,), full_noise_population=4, repeats=5)
+# The batching-safety check only needs one kernel and one vector leaf (cheap to compile).
+SAFETY_SHAPES = {"dense_0": {"kernel": jax.ShapeDtypeStruct((64, 48), jnp.float32),
+                             "bias": jax.ShapeDtypeStruct((48,), jnp.float32)}}
+
+
+class Mlp(nn.Module):
+  """``depth`` es_jax.Dense layers of width ``width`` with GELU in between."""
+
+  width: int
+  depth: int
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(self.depth):
+      x = es_jax.Dense(self.width, use_bias=self.use_bias, name=f"dense_{i}")(x)
+      if i < self.depth - 1:
+        x = nn.gelu(x)
+    return x
+
+
+# --------------------------------------------------------------------------- timing
+
+
+@dataclasses.dataclass
+class Timing:
+  compile_s: float
+  median_s: float
+  min_s: float
+  times_s: list[float]
+
+
+def compile_and_warm(fn: Callable, *args) -> tuple[float, Callable[[], Any]]:
+  """Compile time of ``jit(fn)`` (trace + lower + compile) and a warmed-up call."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(*args))  # warm-up
+  return compile_s, lambda: compiled(*args)
+
+
+def time_call(call: Callable[[], Any]) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(call())
+  return time.perf_counter() - start
+
+
+def log(message: str) -> None:
+  print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- forwards
+# Each builder returns a function of (params, key, generation, inputs), or of
+# (params, noise, inputs) for the pre-generated noise, giving (N, B, width) outputs.
+
+
+def plain_forward(model: nn.Module, population: int):
+  def fn(params, key, generation, x_rows):
+    del key, generation
+    return model.apply({"params": params}, x_rows).reshape(population, -1, model.width)
+  return fn
+
+
+def fast_forward(model: nn.Module, spec: NoiseSpec):
+  """es_jax's fast path: vmap over members, noise from (key, member) inside the jit."""
+  def fn(params, key, generation, x):
+    def member(i):
+      noise = noise_lib.member_noise(spec, key, generation, params, i)
+      return model.apply({"params": params, "perturbation": noise}, x)
+    return jax.vmap(member)(jnp.arange(spec.population))
+  return fn
+
+
+def fast_forward_member_inputs(model: nn.Module, spec: NoiseSpec):
+  """As fast_forward, but x is a per-member (N, B, d) copy: no first-layer sharing."""
+  def fn(params, key, generation, x_members):
+    def member(i, x):
+      noise = noise_lib.member_noise(spec, key, generation, params, i)
+      return model.apply({"params": params, "perturbation": noise}, x)
+    return jax.vmap(member)(jnp.arange(spec.population), x_members)
+  return fn
+
+
+def fast_forward_given_noise(model: nn.Module, member_inputs: bool = False):
+  """Only the application of (pre-generated, batched) low-rank noise.
+
+  With ``member_inputs`` x is a per-member (N, B, d) copy, as in ``plain``.
+  """
+  def fn(params, noise, x):
+    def member(n, x):
+      return model.apply({"params": params, "perturbation": n}, x)
+    return jax.vmap(member, in_axes=(0, 0 if member_inputs else None))(noise, x)
+  return fn
+
+
+def fast_forward_per_pair(model: nn.Module, spec: NoiseSpec):
+  """Local variant: draw each antithetic pair's factors once, apply them with +/- scale.
+
+  Member ``2k`` (sign +) and ``2k + 1`` (sign -) share pair ``k``'s draw, so
+  the output order and the noise are those of :func:`fast_forward`.
+  """
+  assert spec.antithetic
+
+  def negate(noise):
+    if isinstance(noise, LowRank):
+      return noise._replace(scale=-noise.scale)
+    return None if noise is None else -noise
+
+  def fn(params, key, generation, x):
+    def pair(k):
+      noise = noise_lib.member_noise(spec, key, generation, params, 2 * k)
+      signed = [noise, jax.tree.map(negate, noise, is_leaf=_is_noise_leaf)]
+      return jnp.stack([model.apply({"params": params, "perturbation": n}, x) for n in signed])
+    out = jax.vmap(pair)(jnp.arange(spec.num_pairs))
+    return out.reshape(spec.population, *out.shape[2:])
+  return fn
+
+
+def full_rank_forward(model: nn.Module, spec: NoiseSpec, chunk: int):
+  """Vanilla ES: each member's dense weights formed, members in lax.map chunks."""
+  def fn(params, key, generation, x):
+    def member(i):
+      noise = noise_lib.member_noise(spec, key, generation, params, i)
+      return model.apply({"params": noise_lib.perturb(params, noise)}, x)
+    return jax.lax.map(member, jnp.arange(spec.population), batch_size=chunk)
+  return fn
+
+
+def _is_noise_leaf(x) -> bool:
+  return x is None or isinstance(x, LowRank)
+
+
+# --------------------------------------------------------------------------- grid
+
+
+@dataclasses.dataclass
+class Row:
+  section: str
+  method: str
+  population: int
+  tokens: int
+  timing: Timing
+
+  @property
+  def throughput(self) -> float:
+    return self.population * self.tokens / self.timing.median_s
+
+
+def setup(grid: Grid, tokens: int):
+  model = Mlp(grid.width, grid.depth, grid.use_bias)
+  x = jax.random.normal(jax.random.key(1), (tokens, grid.width), jnp.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  return model, params, x
+
+
+def spec_for(population: int, rank: int | None) -> NoiseSpec:
+  return NoiseSpec(population=population, sigma=SIGMA, rank=rank)
+
+
+def measure_methods(grid: Grid, section: str, population: int, tokens: int,
+                    methods: tuple[str, ...]) -> list[Row]:
+  """Times the named methods at one (N, B), interleaved.
+
+  All methods are compiled and warmed up first; then each of ``grid.repeats``
+  rounds times every method once, so that the load of a shared machine hits
+  all methods alike and ratios can be taken round by round.
+  """
+  model, params, x = setup(grid, tokens)
+  key, generation = jax.random.key(2), jnp.int32(0)
+  calls = {}
+  for method in methods:
+    fn, args = build(method, model, params, x, key, generation, population)
+    log(f"[{section}] N={population} B={tokens} compiling {method} ...")
+    calls[method] = compile_and_warm(fn, *args)
+  times = {method: [] for method in methods}
+  for i in range(grid.repeats):
+    log(f"[{section}] N={population} B={tokens} round {i + 1}/{grid.repeats}")
+    for method, (_, call) in calls.items():
+      times[method].append(time_call(call))
+  return [Row(section_of(section, method), method, population, tokens,
+              Timing(calls[method][0], statistics.median(t), min(t), t))
+          for method, t in times.items()]
+
+
+def methods_at(grid: Grid, population: int) -> tuple[str, ...]:
+  """The main methods, plus the variants at ``grid.variant_population``."""
+  if population == grid.variant_population:
+    return MAIN_METHODS + VARIANT_METHODS
+  return MAIN_METHODS
+
+
+def section_of(section: str, method: str) -> str:
+  return "variants" if method in VARIANT_METHODS else section
+
+
+def build(method: str, model, params, x, key, generation, population: int):
+  """(fn, args) of one method."""
+  tokens = x.shape[0]
+  if method == "plain":
+    x_rows = jnp.tile(x, (population, 1))
+    return plain_forward(model, population), (params, key, generation, x_rows)
+  if method == "full-rank":
+    chunk = min(population, FULL_RANK_CHUNK)
+    return full_rank_forward(model, spec_for(population, None), chunk), (params, key, generation, x)
+  rank = 4 if "r=4" in method else 1
+  spec = spec_for(population, rank)
+  if method.startswith("fast r="):
+    return fast_forward(model, spec), (params, key, generation, x)
+  if method.startswith("per-member x"):
+    x_members = jnp.broadcast_to(x, (population, tokens, x.shape[1])).copy()
+    return fast_forward_member_inputs(model, spec), (params, key, generation, x_members)
+  if method.startswith("noise given"):
+    noise = jax.jit(jax.vmap(lambda i: noise_lib.member_noise(spec, key, generation, params, i)))(
+        jnp.arange(population))
+    if "per-member x" in method:
+      x_members = jnp.broadcast_to(x, (population, tokens, x.shape[1])).copy()
+      return fast_forward_given_noise(model, member_inputs=True), (params, noise, x_members)
+    return fast_forward_given_noise(model), (params, noise, x)
+  if method.startswith("per-pair draw"):
+    return fast_forward_per_pair(model, spec), (params, key, generation, x)
+  raise ValueError(method)
+
+
+
+# --------------------------------------------------------------------------- PRNG
+
+
+def prng_key(impl: str) -> jax.Array:
+  return jax.random.key(0, impl=impl.split("/")[0])
+
+
+def in_prng_mode(impl: str):
+  return jax.threefry_partitionable(not impl.endswith("non-partitionable"))
+
+
+def noise_fn(spec: NoiseSpec, shapes):
+  def fn(key, generation):
+    return jax.vmap(lambda i: noise_lib.member_noise(spec, key, generation, shapes, i))(
+        jnp.arange(spec.population))
+  return fn
+
+
+def measure_prng_speed(grid: Grid, shapes) -> list[dict]:
+  cases = [(grid.variant_population, 1), (grid.full_noise_population, None)]
+  results = []
+  for population, rank in cases:
+    spec = spec_for(population, rank)
+    normals = population * sum(_normals_per_member(spec, s.shape) for s in jax.tree.leaves(shapes))
+    calls = {}
+    for impl in PRNG_IMPLS:
+      log(f"[prng] N={population} rank={rank} compiling {impl} ...")
+      with in_prng_mode(impl):
+        calls[impl] = compile_and_warm(noise_fn(spec, shapes), prng_key(impl), jnp.int32(0))
+    times = {impl: [] for impl in PRNG_IMPLS}
+    for _ in range(grid.repeats):  # interleaved rounds, as in measure_methods
+      for impl, (_, call) in calls.items():
+        times[impl].append(time_call(call))
+    for impl, t in times.items():
+      median = statistics.median(t)
+      results.append(dict(impl=impl, population=population, rank=rank, normals=normals,
+                          compile_s=calls[impl][0], median_s=median, min_s=min(t), times_s=t,
+                          normals_per_s=normals / median))
+  return results
+
+
+def _normals_per_member(spec: NoiseSpec, shape) -> int:
+  if len(shape) < 2 or spec.rank is None:
+    return int(np.prod(shape))
+  rows, cols = noise_lib.matrix_shape(tuple(shape))
+  return spec.rank * (rows + cols)
+
+
+def _member(tree, i: int):
+  return jax.tree.map(lambda leaf: leaf[i], tree)
+
+
+def _dense(noise_tree, shapes) -> list[np.ndarray]:
+  dense = jax.tree.map(lambda n, s: noise_lib.materialize(n, s.shape), noise_tree, shapes,
+                       is_leaf=_is_noise_leaf)
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(dense)]
+
+
+def _max_diff(xs: list[np.ndarray], ys: list[np.ndarray]) -> float:
+  return max(float(np.max(np.abs(x - y))) for x, y in zip(xs, ys))
+
+
+def check_prng_consistency(impl: str, shapes, population: int = 8, chunk: int = 4) -> dict:
+  """Is a member's noise independent of how the members are batched?"""
+  spec = spec_for(population, 1)
+  key, generation = prng_key(impl), jnp.int32(3)
+  ids = jnp.arange(population, dtype=jnp.int32)
+
+  def one(k, g, i):
+    return noise_lib.member_noise(spec, k, g, shapes, i)
+
+  def batched(k, g, w):
+    vmapped = jax.vmap(lambda i: one(k, g, i))(ids)
+    chunked = jax.lax.map(lambda i: one(k, g, i), ids, batch_size=chunk)
+    update = noise_lib.weighted_sum(spec, k, g, shapes, w, chunk_size=max(1, chunk // 2))
+    return vmapped, chunked, update
+
+  weights = jax.random.normal(jax.random.key(5), (spec.num_pairs,))
+  with in_prng_mode(impl):
+    single = jax.jit(one)
+    alone = [_dense(single(key, generation, i), shapes) for i in ids]
+    vmapped, chunked, update = jax.jit(batched)(key, generation, weights)
+  in_vmap = [_dense(_member(vmapped, i), shapes) for i in range(population)]
+  in_chunks = [_dense(_member(chunked, i), shapes) for i in range(population)]
+  # The update's unit-noise sum, rebuilt from the forward's (vmapped) member noise.
+  expected = [sum(float(w) * leaf / SIGMA for w, leaf in zip(weights, leaves))
+              for leaves in zip(*in_vmap[::2])]
+  got = [np.asarray(leaf) for leaf in jax.tree.leaves(update)]
+  scale = max(float(np.max(np.abs(e))) for e in expected)
+  return dict(
+      impl=impl, population=population, chunk=chunk,
+      members_same_alone_vs_vmap=sum(_max_diff(a, v) == 0 for a, v in zip(alone, in_vmap)),
+      members_same_alone_vs_chunks=sum(_max_diff(a, c) == 0 for a, c in zip(alone, in_chunks)),
+      max_diff_alone_vs_vmap_in_sigmas=max(_max_diff(a, v) for a, v in zip(alone, in_vmap)) / SIGMA,
+      antithetic_pairs_exact_in_vmap=sum(
+          _max_diff(in_vmap[2 * k], [-x for x in in_vmap[2 * k + 1]]) == 0
+          for k in range(spec.num_pairs)),
+      update_rel_error=_max_diff(expected, got) / scale)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
+  lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def _find(rows: list[Row], method: str, population: int, tokens: int) -> Row | None:
+  for row in rows:
+    if (row.method, row.population, row.tokens) == (method, population, tokens):
+      return row
+  return None
+
+
+def paired_speedup(row: Row, reference: Row | None) -> float | None:
+  """Median over rounds of reference time / row time (same round, same N and B)."""
+  if reference is None:
+    return None
+  return statistics.median(r / t for r, t in zip(reference.timing.times_s, row.timing.times_s))
+
+
+def timing_table(rows: list[Row], all_rows: list[Row]) -> str:
+  """One line per (N, B, method) with paired ratios to plain and full-rank at that (N, B)."""
+  body = []
+  for row in rows:
+    vs_plain = paired_speedup(row, _find(all_rows, "plain", row.population, row.tokens))
+    vs_full = paired_speedup(row, _find(all_rows, "full-rank", row.population, row.tokens))
+    body.append([
+        row.population, row.tokens, row.method, f"{row.timing.compile_s:.2f}",
+        f"{row.timing.median_s * 1e3:.1f}", f"{row.timing.min_s * 1e3:.1f}",
+        f"{row.throughput:,.0f}",
+        "-" if vs_plain is None else f"{vs_plain:.2f}x",
+        "-" if vs_full is None else f"{vs_full:.1f}x"])
+  headers = ["N", "B", "method", "compile s", "median ms", "min ms", "tokens/s (median)",
+             "vs plain", "vs full-rank"]
+  return markdown_table(headers, body)
+
+
+def prng_tables(speed: list[dict], safety: list[dict]) -> str:
+  speed_rows = [[s["population"], s["rank"], s["impl"], f"{s['compile_s']:.2f}",
+                 f"{s['median_s'] * 1e3:.1f}", f"{s['normals_per_s'] / 1e6:.1f}"] for s in speed]
+  safety_rows = [[s["impl"], f"{s['members_same_alone_vs_vmap']}/{s['population']}",
+                  f"{s['members_same_alone_vs_chunks']}/{s['population']}",
+                  f"{s['max_diff_alone_vs_vmap_in_sigmas']:.3g}",
+                  f"{s['antithetic_pairs_exact_in_vmap']}/{s['population'] // 2}",
+                  f"{s['update_rel_error']:.2g}"] for s in safety]
+  return "\n\n".join([
+      markdown_table(["N", "rank", "impl", "compile s", "median ms", "M normals/s"], speed_rows),
+      markdown_table(["impl", "same alone vs vmap", "same alone vs chunks",
+                      "max abs diff alone vs vmap / sigma", "antithetic exact in vmap",
+                      "update rel. error"], safety_rows)])
+
+
+def machine() -> dict:
+  model_name = "unknown"
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    model_name = names[0] if names else model_name
+  device = jax.devices()[0]
+  return dict(cpu_model=model_name, cpu_count=os.cpu_count(),
+              cpus_usable=len(os.sched_getaffinity(0)), platform=platform.platform(),
+              python=platform.python_version(), jax=jax.__version__, flax=flax.__version__,
+              backend=jax.default_backend(), device_kind=device.device_kind,
+              num_devices=jax.device_count())
+
+
+def row_dict(row: Row, all_rows: list[Row]) -> dict:
+  return dict(section=row.section, method=row.method, population=row.population,
+              tokens=row.tokens, throughput_tokens_per_s=row.throughput,
+              speedup_vs_plain=paired_speedup(
+                  row, _find(all_rows, "plain", row.population, row.tokens)),
+              speedup_vs_full_rank=paired_speedup(
+                  row, _find(all_rows, "full-rank", row.population, row.tokens)),
+              **dataclasses.asdict(row.timing))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(grid: Grid) -> tuple[dict, str]:
+  load_before = os.getloadavg()
+  start = time.perf_counter()
+  rows = [row for n in grid.populations
+          for row in measure_methods(grid, "main", n, grid.tokens, methods_at(grid, n))]
+  main_rows = [r for r in rows if r.section == "main"]
+  variant_rows = [r for r in rows if r.section == "variants"]
+  sweep_rows = [row for b in grid.sweep_tokens
+                for row in measure_methods(grid, "sweep", grid.sweep_population, b, SWEEP_METHODS)]
+  shapes = jax.eval_shape(lambda: setup(grid, grid.tokens)[1])
+  speed = measure_prng_speed(grid, shapes)
+  safety = [check_prng_consistency(impl, SAFETY_SHAPES) for impl in PRNG_IMPLS]
+  all_rows = main_rows + variant_rows + sweep_rows
+  sweep_with_b16 = [r for r in main_rows if r.population == grid.sweep_population
+                    and r.method in SWEEP_METHODS] + sweep_rows
+  report = "\n\n".join([
+      f"## Population forward ({grid.depth} x Dense({grid.width}), bias={grid.use_bias}, "
+      f"B={grid.tokens} shared tokens/member)",
+      timing_table(main_rows, all_rows),
+      f"## Fast-path variants at N={grid.variant_population}",
+      timing_table(variant_rows, all_rows),
+      f"## Tokens per member (B) at N={grid.sweep_population}",
+      timing_table(sweep_with_b16, all_rows),
+      "## PRNG: one generation's noise (jit + vmap over members), and batching safety",
+      prng_tables(speed, safety)])
+  results = dict(
+      grid=dataclasses.asdict(grid), sigma=SIGMA, full_rank_chunk=FULL_RANK_CHUNK,
+      machine=machine(), load_average_before=load_before, load_average_after=os.getloadavg(),
+      total_wall_s=time.perf_counter() - start,
+      timings=[row_dict(r, all_rows) for r in all_rows], prng_speed=speed, prng_safety=safety)
+  return results, report
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--quick", action="store_true", help="small grid for a smoke run")
+  parser.add_argument("--out", default="results/population_forward.json", help="JSON output path")
+  parser.add_argument("--repeats", type=int, default=None, help="timed calls per method (>= 5)")
+  parser.add_argument("--bias", action="store_true", help="give every Dense a bias")
+  parser.add_argument("--width", type=int, default=None, help="Dense width")
+  parser.add_argument("--depth", type=int, default=None, help="number of Dense layers")
+  parser.add_argument("--tokens", type=int, default=None, help="B, tokens per member")
+  args = parser.parse_args(argv)
+  grid = QUICK if args.quick else FULL
+  overrides = dict(repeats=args.repeats, width=args.width, depth=args.depth, tokens=args.tokens)
+  grid = dataclasses.replace(grid, use_bias=args.bias,
+                             **{k: v for k, v in overrides.items() if v is not None})
+  results, report = run(grid)
+  print(report)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"\nwrote {args.out} (total {results['total_wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+  main()
