@@ -15,11 +15,12 @@ What is measured (all in one process, float32, default JAX device):
   the median (and min) wall time, the throughput in member-tokens/s, i.e.
   ``N * B / median``, and ratios as medians of the per-round paired ratios:
 
-  1. ``fast r=1`` / ``fast r=4``: es_jax's fast path, ``jax.vmap`` over members
-     of ``model.apply({'params': params, 'perturbation': noise_i}, x)`` where
-     ``noise_i = es_jax.noise.member_noise(spec, key, generation, params, i)``
-     is generated inside the jitted function; params and x are shared
-     (unbatched), so XLA computes ``x @ W`` of the first layer once.
+  1. ``fast r=1`` / ``fast r=4``: es_jax's fast path as ``es_step`` runs it: a
+     ``jax.vmap`` over antithetic pairs that draws each pair's noise once
+     (``es_jax.noise.member_noise`` inside the jitted function) and applies it
+     with both signs, ``model.apply({'params': params, 'perturbation':
+     noise}, x)``; params and x are shared (unbatched), so XLA computes
+     ``x @ W`` of the first layer once.
   2. ``plain``: the same model without perturbation on the N*B rows (x tiled N
      times, a materialised input), the throughput ceiling.
   3. ``full-rank``: vanilla ES, ``NoiseSpec(rank=None)``; every member's dense
@@ -35,8 +36,7 @@ What is measured (all in one process, float32, default JAX device):
   the overhead of the fast path): the fast path with a per-member copy of x
   (no first-layer sharing); with the noise generated outside the timed
   function (the cost of applying it, with shared or per-member x); and with
-  the noise drawn once per antithetic pair instead of once per member (a local
-  variant, not es_jax's API).
+  the noise drawn once per member instead of once per antithetic pair.
 * A sweep over B (tokens per member) at a small N (throughput per member-token
   of every method is nearly independent of N).
 * PRNG: time to generate one generation's noise (``member_noise`` for all N
@@ -87,7 +87,7 @@ PRNG_IMPLS = ("threefry2x32", "threefry2x32/non-partitionable", "rbg", "unsafe_r
 MAIN_METHODS = ("plain", "fast r=1", "fast r=4", "full-rank")
 SWEEP_METHODS = ("plain", "fast r=1", "full-rank")
 VARIANT_METHODS = ("per-member x r=1", "noise given r=1", "noise given, per-member x r=1",
-                   "per-pair draw r=1", "noise given r=4", "per-pair draw r=4")
+                   "per-member draw r=1", "noise given r=4", "per-member draw r=4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +174,20 @@ def plain_forward(model: nn.Module, population: int):
 
 
 def fast_forward(model: nn.Module, spec: NoiseSpec):
-  """es_jax's fast path: vmap over members, noise from (key, member) inside the jit."""
+  """es_jax's fast path as es_step runs it: one draw per antithetic pair, applied with +/-."""
+  def fn(params, key, generation, x):
+    def pair(k):
+      noise = noise_lib.member_noise(spec, key, generation, params, 2 * k)
+      apply = lambda sign: model.apply(
+          {"params": params, "perturbation": noise_lib.scale_noise(noise, sign)}, x)
+      return jax.vmap(apply)(jnp.array([1.0, -1.0]))
+    out = jax.vmap(pair)(jnp.arange(spec.num_pairs))
+    return out.reshape(spec.population, *out.shape[2:])
+  return fn
+
+
+def fast_forward_per_member(model: nn.Module, spec: NoiseSpec):
+  """Variant: noise drawn once per member (antithetic partners draw the same factors twice)."""
   def fn(params, key, generation, x):
     def member(i):
       noise = noise_lib.member_noise(spec, key, generation, params, i)
@@ -202,29 +215,6 @@ def fast_forward_given_noise(model: nn.Module, member_inputs: bool = False):
     def member(n, x):
       return model.apply({"params": params, "perturbation": n}, x)
     return jax.vmap(member, in_axes=(0, 0 if member_inputs else None))(noise, x)
-  return fn
-
-
-def fast_forward_per_pair(model: nn.Module, spec: NoiseSpec):
-  """Local variant: draw each antithetic pair's factors once, apply them with +/- scale.
-
-  Member ``2k`` (sign +) and ``2k + 1`` (sign -) share pair ``k``'s draw, so
-  the output order and the noise are those of :func:`fast_forward`.
-  """
-  assert spec.antithetic
-
-  def negate(noise):
-    if isinstance(noise, LowRank):
-      return noise._replace(scale=-noise.scale)
-    return None if noise is None else -noise
-
-  def fn(params, key, generation, x):
-    def pair(k):
-      noise = noise_lib.member_noise(spec, key, generation, params, 2 * k)
-      signed = [noise, jax.tree.map(negate, noise, is_leaf=_is_noise_leaf)]
-      return jnp.stack([model.apply({"params": params, "perturbation": n}, x) for n in signed])
-    out = jax.vmap(pair)(jnp.arange(spec.num_pairs))
-    return out.reshape(spec.population, *out.shape[2:])
   return fn
 
 
@@ -328,8 +318,8 @@ def build(method: str, model, params, x, key, generation, population: int):
       x_members = jnp.broadcast_to(x, (population, tokens, x.shape[1])).copy()
       return fast_forward_given_noise(model, member_inputs=True), (params, noise, x_members)
     return fast_forward_given_noise(model), (params, noise, x)
-  if method.startswith("per-pair draw"):
-    return fast_forward_per_pair(model, spec), (params, key, generation, x)
+  if method.startswith("per-member draw"):
+    return fast_forward_per_member(model, spec), (params, key, generation, x)
   raise ValueError(method)
 
 
