@@ -74,8 +74,24 @@ class EvalSummary:
   metrics: Mapping[str, float]
 
 
+class _JsonMixin:
+  """``to_json`` / ``from_json`` for a class with ``to_dict`` / ``from_dict``."""
+
+  def to_json(self, path: str | Path | None = None) -> str:
+    """The result as JSON text, also written to ``path`` when given."""
+    text = json.dumps(self.to_dict(), indent=1)
+    if path is not None:
+      Path(path).write_text(text)
+    return text
+
+  @classmethod
+  def from_json(cls, text_or_path: str | Path):
+    """Reads :meth:`to_json` output (JSON text, or a path to a file holding it)."""
+    return cls.from_dict(json.loads(_read_json_text(text_or_path)))
+
+
 @dataclasses.dataclass(frozen=True)
-class EvalResult:
+class EvalResult(_JsonMixin):
   """A summary plus the per-example records; ``to_json``/``from_json`` round-trip."""
   summary: EvalSummary
   records: tuple[EvalRecord, ...]
@@ -93,21 +109,10 @@ class EvalResult:
     except (KeyError, TypeError) as e:
       raise ValueError(f"not a serialised EvalResult: {e}") from e
 
-  def to_json(self, path: str | Path | None = None) -> str:
-    """The result as JSON text, also written to ``path`` when given."""
-    text = json.dumps(self.to_dict(), indent=1)
-    if path is not None:
-      Path(path).write_text(text)
-    return text
-
-  @classmethod
-  def from_json(cls, text_or_path: str | Path) -> EvalResult:
-    """Reads :meth:`to_json` output (JSON text, or a path to a file holding it)."""
-    return cls.from_dict(json.loads(_read_json_text(text_or_path)))
 
 
 @dataclasses.dataclass(frozen=True)
-class PopulationEvalResult:
+class PopulationEvalResult(_JsonMixin):
   """One :class:`EvalResult` per population member, on the same examples."""
   members: tuple[EvalResult, ...]
 
@@ -131,17 +136,6 @@ class PopulationEvalResult:
       raise ValueError("not a serialised PopulationEvalResult: no 'members'")
     return cls(tuple(EvalResult.from_dict(member) for member in payload["members"]))
 
-  def to_json(self, path: str | Path | None = None) -> str:
-    """The result as JSON text, also written to ``path`` when given."""
-    text = json.dumps(self.to_dict(), indent=1)
-    if path is not None:
-      Path(path).write_text(text)
-    return text
-
-  @classmethod
-  def from_json(cls, text_or_path: str | Path) -> PopulationEvalResult:
-    """Reads :meth:`to_json` output (JSON text, or a path to a file holding it)."""
-    return cls.from_dict(json.loads(_read_json_text(text_or_path)))
 
 
 def _read_json_text(text_or_path: str | Path) -> str:
