@@ -27,6 +27,10 @@ def flat(tree):
   return np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)]).astype(np.float64)
 
 
+def flat_jnp(tree):
+  return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
+
+
 def estimate(key, *, rank, population, shaping_fn=shaping.z_score, **kw):
   es = es_jax.es_step(quadratic, population=population, sigma=1e-2, rank=rank, key=key,
                       fitness_shaping=shaping_fn, **kw)
@@ -53,10 +57,6 @@ def test_mean_estimate_over_keys_is_the_analytic_gradient(rank):
   mean, stderr = samples.mean(0), samples.std(0) / np.sqrt(len(keys))
   expected = flat(true_gradient(THETA))
   assert np.all(np.abs(mean - expected) < 5 * stderr + 1e-3)
-
-
-def flat_jnp(tree):
-  return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
 
 
 def test_constant_reward_cancels_exactly():
