@@ -1,0 +1,311 @@
+"""Checkpoints of an experiment run: atomic saves, keep-last-n, bit-identical resume.
+
+A thin layer over ``orbax.checkpoint.CheckpointManager``. Each step directory
+``<directory>/<step>/`` holds three items:
+
+  * ``arrays``: every leaf of the state as a flat ``{leaf path: array}`` dict
+    (typed PRNG keys as their ``jax.random.key_data``);
+  * ``manifest``: JSON with the run ``fingerprint`` and, per leaf, its path,
+    shape, dtype, PRNG impl and a checksum of its bits;
+  * ``meta``: the caller's JSON (iteration, data position, metrics, config).
+
+Atomicity is orbax's: a step is written into ``<step>.orbax-checkpoint-tmp``
+and renamed to ``<step>`` only once complete (one ``rename``, atomic on POSIX
+file systems), so a kill mid-save leaves only a tmp directory, which orbax does
+not list as a step and removes when that step is saved again. The checksums
+exist because tensorstore does not notice flipped bytes inside an array chunk
+(its zstd frames carry no checksum): it returns wrong values without an error.
+
+Decisions:
+  * Saving a step that is not after the latest one (an existing step included)
+    raises :class:`CheckpointError`; nothing is overwritten or skipped silently.
+  * A corrupt or incompatible checkpoint raises :class:`CheckpointError` and
+    nothing on disk is touched. Corruption is only detected on restore: a save
+    after a corrupt latest step still works, the corrupt step counts toward
+    ``keep_last_n`` like any other and only the oldest steps are pruned.
+  * ``meta`` goes through JSON: tuples come back as lists, non-string dict keys
+    as strings, NumPy/JAX scalars and arrays as Python numbers and lists; NaN
+    and +-inf survive as floats (written as Python's ``NaN``/``Infinity``).
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+import pathlib
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+_FORMAT = 1  # version of the manifest layout, so a future change is recognised
+_INCOMPATIBLE_HINT = ("Resume with the configuration that wrote it, or start a fresh run with a "
+                      "new --out.")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is corrupt, incompatible with this run, or would be overwritten."""
+
+
+class RunCheckpointer:
+  """Saves and restores the state of one run in ``directory``, keeping the last n steps.
+
+  Args:
+    directory: the run's checkpoint directory (created if missing).
+    keep_last_n: how many of the newest steps to keep; older ones are deleted
+      after each successful save.
+    fingerprint: JSON-able settings that must match to resume (model, preset,
+      population, rank...); stored with every step and checked on restore and
+      before saving into a directory that already has steps.
+
+  Example:
+    >>> import tempfile, jax, jax.numpy as jnp
+    >>> state = {"params": {"w": jnp.ones(3, jnp.bfloat16)}, "rng": jax.random.key(0)}
+    >>> with RunCheckpointer(tempfile.mkdtemp(), fingerprint={"preset": "tiny"}) as checkpointer:
+    ...   checkpointer.save(10, state, {"iteration": 10, "metrics": [{"reward": float("nan")}]})
+    ...   restored, meta = checkpointer.restore(like=state)
+    ...   print(checkpointer.all_steps(), restored["params"]["w"].dtype, meta)
+    [10] bfloat16 {'iteration': 10, 'metrics': [{'reward': nan}]}
+  """
+
+  def __init__(self, directory: str | pathlib.Path, *, keep_last_n: int = 3,
+               fingerprint: Mapping[str, Any]):
+    if keep_last_n < 1:
+      raise ValueError(f"keep_last_n must be >= 1, got {keep_last_n}.")
+    self.directory = pathlib.Path(directory).absolute()
+    self.fingerprint = _through_json(dict(fingerprint), "fingerprint")
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep_last_n, create=True,
+                                           enable_async_checkpointing=False)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=("arrays", "manifest", "meta"))
+    self._known_fingerprint_step = None  # a step known to carry self.fingerprint
+
+  def all_steps(self) -> list[int]:
+    """Committed steps, oldest first (tmp directories of unfinished saves are not steps)."""
+    self._manager.reload()  # another process (or a person) may have changed the directory
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The newest committed step, or ``None`` if there is none."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: PyTree, meta: Mapping[str, Any]) -> None:
+    """Writes ``state`` and ``meta`` as ``step``; returns once it is committed on disk.
+
+    Raises:
+      CheckpointError: ``step`` is not after the latest step, or the directory
+        holds a run with a different fingerprint.
+      TypeError: ``meta`` is not JSON-able.
+    """
+    step = operator.index(step)
+    latest = self.latest_step()
+    if latest is not None and step <= latest:
+      raise CheckpointError(
+          f"Not saving step {step} into {self.directory}: step {latest} exists and checkpoints "
+          "are never overwritten, so steps must increase. To redo later steps, delete their "
+          "directories first, or start a fresh run with a new --out.")
+    if latest is not None and latest != self._known_fingerprint_step:
+      try:  # refuse to mix two runs' steps in one directory
+        stored = self._read_json(latest)[0]["fingerprint"]
+      except (CheckpointError, KeyError, TypeError):
+        stored = None  # a corrupt latest step is restore's to report; it must not block saving
+      if stored is not None:
+        self._check_fingerprint(latest, stored)
+    meta = _through_json(dict(meta), "meta")
+    paths, leaves, _ = _flatten(state)
+    data = [_key_data_or_array(leaf) for leaf in leaves]
+    manifest = {"format": _FORMAT, "fingerprint": self.fingerprint, "leaves": [
+        {"path": path, "shape": list(np.shape(leaf)), "dtype": str(_dtype(leaf)),
+         "key_impl": _key_impl(leaf), "checksum": checksum}
+        for path, leaf, checksum in zip(paths, leaves, _checksums(data))]}
+    self._manager.save(step, force=True, args=ocp.args.Composite(
+        arrays=ocp.args.StandardSave(dict(zip(paths, data))),
+        manifest=ocp.args.JsonSave(manifest), meta=ocp.args.JsonSave(meta)))
+    self._manager.wait_until_finished()  # a no-op while saves are synchronous; kept as a guarantee
+    self._known_fingerprint_step = step
+
+  def restore(self, like: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
+    """Returns ``(state, meta)`` of ``step`` (default: the latest).
+
+    ``like`` is a freshly initialised state: the result has its tree structure
+    (NamedTuples, static nodes), dtypes, PRNG impls and shardings.
+
+    Raises:
+      CheckpointError: no such step; the step is corrupt (unreadable files,
+        checksum mismatch); or it is incompatible (fingerprint, tree structure,
+        leaf shape or dtype differ from ``like``).
+    """
+    steps = self.all_steps()
+    if step is None and not steps:
+      raise CheckpointError(f"No checkpoint in {self.directory}.")
+    step = steps[-1] if step is None else operator.index(step)
+    if step not in steps:
+      raise CheckpointError(f"No step {step} in {self.directory}; the steps there are {steps}.")
+    manifest, meta = self._read_json(step)
+    if not (isinstance(manifest, dict) and manifest.get("format") == _FORMAT
+            and isinstance(manifest.get("leaves"), list) and isinstance(meta, dict)):
+      raise self._corrupt(step, "its manifest or meta is missing or malformed")
+    self._check_fingerprint(step, manifest.get("fingerprint"))
+    paths, like_leaves, treedef = _flatten(like)
+    self._check_leaves(step, manifest["leaves"], paths, like_leaves)
+    target = {path: _restore_target(leaf) for path, leaf in zip(paths, like_leaves)}
+    try:
+      arrays = self._manager.restore(
+          step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(target)))["arrays"]
+    except Exception as error:  # tensorstore raises plain Exception/ValueError on bad files
+      raise self._corrupt(step, f"its arrays could not be read ({type(error).__name__}: "
+                                f"{str(error)[:300]})") from error
+    data = [arrays[path] for path in paths]
+    stored = {entry["path"]: entry["checksum"] for entry in manifest["leaves"]}
+    garbled = [path for path, checksum in zip(paths, _checksums(data)) if checksum != stored[path]]
+    if garbled:
+      raise self._corrupt(step, f"the bits of {_listed(garbled)} differ from those it was saved "
+                                "with")
+    leaves = [_like_type(like_leaf, array) for like_leaf, array in zip(like_leaves, data)]
+    return jax.tree.unflatten(treedef, leaves), meta
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self) -> RunCheckpointer:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  def _read_json(self, step: int) -> tuple[Any, Any]:
+    try:
+      items = self._manager.restore(step, args=ocp.args.Composite(
+          manifest=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    except Exception as error:
+      raise self._corrupt(step, f"its manifest or meta could not be read ({type(error).__name__}: "
+                                f"{str(error)[:300]})") from error
+    return items["manifest"], items["meta"]
+
+  def _check_fingerprint(self, step: int, stored: Any) -> None:
+    stored = stored if isinstance(stored, dict) else {}
+    differing = [f"{key}: checkpoint {stored.get(key, '<missing>')!r}, "
+                 f"this run {self.fingerprint.get(key, '<missing>')!r}"
+                 for key in sorted(set(stored) | set(self.fingerprint))
+                 if stored.get(key, KeyError) != self.fingerprint.get(key, KeyError)]
+    if differing:
+      raise CheckpointError(f"Checkpoint {self.directory / str(step)} was written by a run with a "
+                            f"different configuration ({'; '.join(differing)}). "
+                            f"{_INCOMPATIBLE_HINT}")
+
+  def _check_leaves(self, step: int, entries: list, paths: list[str], like_leaves: list) -> None:
+    stored = {entry["path"]: entry for entry in entries}
+    problems = []
+    if missing := [path for path in paths if path not in stored]:
+      problems.append(f"in `like` but not in the checkpoint: {_listed(missing)}")
+    if extra := sorted(set(stored) - set(paths)):
+      problems.append(f"in the checkpoint but not in `like`: {_listed(extra)}")
+    for path, leaf in zip(paths, like_leaves):
+      entry = stored.get(path)
+      expected = (list(np.shape(leaf)), str(_dtype(leaf)), _key_impl(leaf))
+      if entry and (entry["shape"], entry["dtype"], entry["key_impl"]) != expected:
+        problems.append(f"leaf {path}: checkpoint {entry['dtype']}{entry['shape']}, "
+                        f"`like` {expected[1]}{expected[0]}")
+    if problems:
+      raise CheckpointError(f"Checkpoint {self.directory / str(step)} does not fit this run's "
+                            f"state: {'; '.join(problems[:6])}. {_INCOMPATIBLE_HINT}")
+
+  def _corrupt(self, step: int, problem: str) -> CheckpointError:
+    earlier = [s for s in self._manager.all_steps() if s < step]
+    fallback = (f"delete it to fall back to step {max(earlier)}, the previous checkpoint,"
+                if earlier else "delete it to start over from scratch,")
+    return CheckpointError(f"Checkpoint {self.directory / str(step)} is corrupt: {problem}. "
+                           f"Nothing on disk was changed; {fallback} or start a fresh run with a "
+                           "new --out.")
+
+
+def _flatten(tree: PyTree) -> tuple[list[str], list[Any], Any]:
+  path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  paths = [jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
+           for path, _ in path_leaves]
+  if len(set(paths)) != len(paths):
+    raise ValueError(f"Leaf paths must be unique to be stored by name, got {paths}.")
+  return paths, [leaf for _, leaf in path_leaves], treedef
+
+
+def _is_key(leaf: Any) -> bool:
+  return isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _key_impl(leaf: Any) -> str | None:
+  return str(jax.random.key_impl(leaf)) if _is_key(leaf) else None
+
+
+def _dtype(leaf: Any) -> np.dtype:
+  return leaf.dtype if isinstance(leaf, jax.Array) else np.asarray(leaf).dtype
+
+
+def _key_data_or_array(leaf: Any) -> Any:
+  # Typed keys are stored as their raw bits: orbax has no handler for key dtypes.
+  if _is_key(leaf):
+    return jax.random.key_data(leaf)
+  return leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)
+
+
+def _restore_target(like_leaf: Any) -> Any:
+  data = _key_data_or_array(like_leaf)
+  if isinstance(data, jax.Array):
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=data.sharding)
+  return data  # a NumPy target makes orbax return NumPy
+
+
+def _like_type(like_leaf: Any, array: Any) -> Any:
+  if _is_key(like_leaf):
+    return jax.random.wrap_key_data(array, impl=jax.random.key_impl(like_leaf))
+  if isinstance(like_leaf, (jax.Array, np.ndarray)):
+    return array
+  return type(like_leaf)(np.asarray(array))  # Python or NumPy scalar
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+  """Sum of each element's bits times an odd weight from its position, mod 2**32.
+
+  Any single changed element changes it (odd weights are invertible mod 2**32);
+  it is elementwise plus one reduction, so sharded leaves are never gathered.
+  """
+  if x.dtype == jnp.bool_:
+    x = x.astype(jnp.uint8)
+  bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}"))
+  if bits.dtype.itemsize == 8:
+    bits = bits ^ (bits >> 32)
+  position, stride = jnp.zeros(x.shape, jnp.uint32), 1
+  for axis in reversed(range(x.ndim)):
+    position += jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= x.shape[axis]
+  return jnp.sum(bits.astype(jnp.uint32) * (2 * position + 1), dtype=jnp.uint32)
+
+
+_leaf_checksum_jit = jax.jit(_leaf_checksum)
+
+
+def _checksums(leaves: list[Any]) -> list[int]:
+  # One jit per leaf: a single jit over all leaves would refuse leaves committed to different
+  # devices (params on a mesh, the run's key on device 0).
+  return [int(c) for c in jax.device_get([_leaf_checksum_jit(leaf) for leaf in leaves])]
+
+
+def _through_json(value: dict, what: str) -> dict:
+  def to_json(obj):
+    if isinstance(obj, (np.ndarray, np.generic, jax.Array)):
+      return np.asarray(obj).tolist()
+    raise TypeError(f"{type(obj).__name__} {obj!r} is not JSON-serialisable")
+
+  try:
+    return json.loads(json.dumps(value, default=to_json))
+  except (TypeError, ValueError) as error:
+    raise TypeError(f"{what} must be JSON-able (dicts, lists, str, numbers, None): "
+                    f"{error}") from None
+
+
+def _listed(paths: list[str], limit: int = 5) -> str:
+  more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+  return ", ".join(paths[:limit]) + more
