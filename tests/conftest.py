@@ -11,5 +11,6 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
-# A worker script run in subprocesses by test_sharding.py; importing it would start a JAX cluster.
-collect_ignore = ["multiprocess_worker.py"]
+# Worker scripts run in subprocesses (test_sharding.py starts a JAX cluster with one,
+# test_experiments.py kills a run of the other): importing them would run them.
+collect_ignore = ["multiprocess_worker.py", "experiment_worker.py"]

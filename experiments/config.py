@@ -1,0 +1,360 @@
+"""Typed experiment configs, the presets of the papers, and ``--set`` overrides.
+
+An :class:`ExperimentConfig` is a frozen tree of small dataclasses (model,
+task, ES, AWD, GRPO, schedule). :data:`PRESETS` names the published setups;
+a sweep preset names several configs, run one after another in
+sub-directories. ``apply_overrides(config, ["es.population=128"])`` changes
+any field by its dotted path, parsing the value by the field's type.
+
+Example:
+  >>> cfg = apply_overrides(preset("countdown_es"), ["es.population=128", "awd.kind=l2"])
+  >>> cfg.es.population, cfg.awd.kind, cfg.es.sigma
+  (128, 'l2', 0.001)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+ALGORITHMS = ("es", "grpo")
+TARGETS = ("countdown", "gsm8k")
+AWD_KINDS = ("none", "l2", "l1")
+SHAPINGS = ("z_score", "centered_rank", "identity")
+
+
+def _check(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """Which checkpoint, in which dtypes.
+
+  Attributes:
+    checkpoint: a local Hugging Face checkpoint directory or a hub id.
+    dtype: compute dtype (``bfloat16`` on GPUs; ``float32`` for exact runs).
+    param_dtype: dtype of the trained weights. ES steps are ~1e-4 per weight,
+      below bfloat16's resolution at typical weight sizes: keep ``float32``.
+    chat_template: wrap prompts in the tokenizer's chat template.
+  """
+  checkpoint: str = "Qwen/Qwen2.5-0.5B-Instruct"
+  dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+  chat_template: bool = True
+
+  def __post_init__(self):
+    for name in ("dtype", "param_dtype"):
+      _check(getattr(self, name) in ("float32", "bfloat16", "float16"),
+             f"model.{name}={getattr(self, name)!r}: use float32, bfloat16 or float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+  """The target task (trained on), the prior task (watched for forgetting), and their data.
+
+  Attributes:
+    target: ``countdown`` or ``gsm8k``.
+    train_source: None generates Countdown instances / loads GSM8K's train split
+      from the hub; else a hub name or a local ``.jsonl``.
+    num_train: training prompts (the papers: 200).
+    prompts_per_iteration: prompts each ES member (or GRPO step) sees per
+      iteration; None = all ``num_train`` (the papers' ES).
+    eval_source: held-out target-task data (None: generated / hub test split).
+    num_eval: held-out target-task prompts scored every ``eval_every``.
+    prior: ``hellaswag`` or ``none``.
+    prior_source: HellaSwag hub name or local ``.jsonl(.gz)`` (None: the hub).
+    prior_protocol: ``loglik`` (lm-eval) or ``generative`` (numbered choice).
+    num_prior: HellaSwag items scored every ``eval_every``.
+    kl_prompts: target-task eval prompts on which KL to the base model is measured.
+    max_new_tokens: decode budget per completion.
+  """
+  target: str = "countdown"
+  train_source: str | None = None
+  num_train: int = 200
+  prompts_per_iteration: int | None = None
+  eval_source: str | None = None
+  num_eval: int = 200
+  prior: str = "hellaswag"
+  prior_source: str | None = None
+  prior_protocol: str = "loglik"
+  num_prior: int = 500
+  kl_prompts: int = 16
+  max_new_tokens: int = 1024
+
+  def __post_init__(self):
+    _check(self.target in TARGETS, f"task.target={self.target!r}: use one of {TARGETS}")
+    _check(self.prior in ("hellaswag", "none"), f"task.prior={self.prior!r}: use hellaswag or none")
+    _check(self.prior_protocol in ("loglik", "generative"),
+           f"task.prior_protocol={self.prior_protocol!r}: use loglik or generative")
+    for name in ("num_train", "num_eval", "max_new_tokens"):
+      _check(getattr(self, name) >= 1, f"task.{name}={getattr(self, name)} must be >= 1")
+    _check(self.prompts_per_iteration is None or 1 <= self.prompts_per_iteration <= self.num_train,
+           f"task.prompts_per_iteration={self.prompts_per_iteration} must be in "
+           f"[1, num_train={self.num_train}] or None (all)")
+
+
+@dataclasses.dataclass(frozen=True)
+class EsSpec:
+  """The ES step (reference section 1 defaults; ``rank`` selects EGGROLL noise).
+
+  Attributes:
+    population: N members per iteration.
+    sigma: noise scale.
+    learning_rate: alpha of ``theta += alpha / N * sum_n Z_n eps_n``.
+    rank: None = full-rank noise (Qiu et al.); r >= 1 = EGGROLL ``A B^T / sqrt(r)``.
+    antithetic: mirrored pairs (the papers' ES: no).
+    shaping: fitness shaping (``z_score`` as published).
+    freeze: regexes of param paths that are not perturbed; None = the
+      embedding table with low-rank noise (EGGROLL's reference excludes it,
+      and a table lookup cannot take a low-rank factor), nothing with full rank.
+    member_chunk: members decoded together (bounds memory: with full-rank
+      noise each holds a copy of the weights); None = all.
+  """
+  population: int = 30
+  sigma: float = 1e-3
+  learning_rate: float = 5e-4
+  rank: int | None = None
+  antithetic: bool = False
+  shaping: str = "z_score"
+  freeze: tuple[str, ...] | None = None
+  member_chunk: int | None = None
+
+  def __post_init__(self):
+    _check(self.population >= 2, f"es.population={self.population} must be >= 2")
+    _check(self.sigma > 0 and self.learning_rate > 0,
+           f"es.sigma={self.sigma} and es.learning_rate={self.learning_rate} must be > 0")
+    _check(self.rank is None or self.rank >= 1, f"es.rank={self.rank}: None (full) or >= 1")
+    _check(self.shaping in SHAPINGS, f"es.shaping={self.shaping!r}: use one of {SHAPINGS}")
+    _check(self.member_chunk is None or self.member_chunk >= 1,
+           f"es.member_chunk={self.member_chunk} must be >= 1 or None")
+
+  @property
+  def frozen(self) -> tuple[str, ...]:
+    """The regexes actually frozen (``freeze`` with its default resolved)."""
+    if self.freeze is not None:
+      return self.freeze
+    return () if self.rank is None else ("embed",)
+
+
+@dataclasses.dataclass(frozen=True)
+class AwdSpec:
+  """Anchored weight decay after the ES step (``none``, ``l2`` or ``l1``, reference section 3)."""
+  kind: str = "none"
+  strength: float = 0.0
+
+  def __post_init__(self):
+    _check(self.kind in AWD_KINDS, f"awd.kind={self.kind!r}: use one of {AWD_KINDS}")
+    _check(self.kind == "none" or self.strength > 0,
+           f"awd.strength={self.strength} must be > 0 with awd.kind={self.kind!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoSpec:
+  """The GRPO baseline (the forgetting paper's: 30 rollouts per prompt, KL beta 1e-3).
+
+  Attributes:
+    group_size: completions sampled per prompt.
+    prompts_per_iteration: prompts per GRPO step.
+    clip_eps: PPO clip range of the importance ratio.
+    kl_beta: weight of the k3 KL to the base (reference) model.
+    learning_rate: Adam learning rate.
+    temperature: sampling temperature of the rollouts.
+    num_inner_steps: optimisation steps per rollout batch (mu).
+    max_grad_norm: global-norm gradient clip (None: off).
+  """
+  group_size: int = 30
+  prompts_per_iteration: int = 8
+  clip_eps: float = 0.2
+  kl_beta: float = 1e-3
+  learning_rate: float = 1e-6
+  temperature: float = 1.0
+  num_inner_steps: int = 1
+  max_grad_norm: float | None = 1.0
+
+  def __post_init__(self):
+    _check(self.prompts_per_iteration >= 1,
+           f"grpo.prompts_per_iteration={self.prompts_per_iteration} must be >= 1")
+    self.grpo_config(max_new_tokens=1)  # validates the rest, naming the field
+
+  def grpo_config(self, *, max_new_tokens: int):
+    """The :class:`experiments.grpo.GrpoConfig` of this spec."""
+    from experiments.grpo import GrpoConfig  # config stays importable without the model code
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    del fields["prompts_per_iteration"]
+    return GrpoConfig(**fields, max_new_tokens=max_new_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """One run.
+
+  Attributes:
+    name: the preset (or variant) name; also the run directory's default name.
+    algorithm: ``es`` or ``grpo``.
+    iterations: ES generations / GRPO steps.
+    eval_every: iterations between metric records (and the first, at 0).
+    checkpoint_every: iterations between checkpoints (0: only at the end).
+    keep_checkpoints: checkpoints kept (the newest).
+    prompt_batch: prompts per decode call (bounds memory with the member chunk).
+    pop_devices: devices on the ``'pop'`` mesh axis; 0 = all local devices,
+      1 = no mesh.
+    seed: seeds the noise, data order and sampling.
+  """
+  name: str = "countdown_es"
+  algorithm: str = "es"
+  model: ModelSpec = ModelSpec()
+  task: TaskSpec = TaskSpec()
+  es: EsSpec = EsSpec()
+  awd: AwdSpec = AwdSpec()
+  grpo: GrpoSpec = GrpoSpec()
+  iterations: int = 500
+  eval_every: int = 25
+  checkpoint_every: int = 25
+  keep_checkpoints: int = 3
+  prompt_batch: int = 32
+  pop_devices: int = 0
+  seed: int = 0
+
+  def __post_init__(self):
+    _check(self.algorithm in ALGORITHMS, f"algorithm={self.algorithm!r}: use one of {ALGORITHMS}")
+    _check(self.iterations >= 1 and self.eval_every >= 1 and self.prompt_batch >= 1,
+           "iterations, eval_every and prompt_batch must be >= 1")
+    _check(self.checkpoint_every >= 0 and self.keep_checkpoints >= 1,
+           "checkpoint_every must be >= 0 and keep_checkpoints >= 1")
+    _check(self.pop_devices >= 0, f"pop_devices={self.pop_devices} must be >= 0")
+    alpha_lambda = self.es.learning_rate * self.awd.strength
+    _check(self.awd.kind != "l2" or alpha_lambda < 1,
+           f"awd.strength * es.learning_rate = {alpha_lambda:g} must be < 1 for L2 AWD "
+           "(the decay factor 1 - alpha * lambda would flip or zero the deviation)")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> ExperimentConfig:
+    """Inverse of :meth:`to_dict` (JSON round trip: lists become tuples where typed so)."""
+    return _from_dict(cls, d)
+
+
+def _from_dict(cls, d: Mapping[str, Any]):
+  hints = typing.get_type_hints(cls)
+  unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+  _check(not unknown, f"unknown {cls.__name__} fields {sorted(unknown)}")
+  kwargs = {}
+  for name, value in d.items():
+    hint = hints[name]
+    if dataclasses.is_dataclass(hint):
+      kwargs[name] = _from_dict(hint, value)
+    elif isinstance(value, list):
+      kwargs[name] = tuple(value)
+    else:
+      kwargs[name] = value
+  return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _parse(text: str, hint: Any, where: str) -> Any:
+  """``text`` as a value of type ``hint`` (int, float, bool, str, optional, tuple of str)."""
+  args = typing.get_args(hint)
+  if type(None) in args:
+    if text.lower() in ("none", "null"):
+      return None
+    hint = next(a for a in args if a is not type(None))
+  if typing.get_origin(hint) is tuple:
+    return tuple(part for part in text.split(",") if part) if text else ()
+  if hint is bool:
+    _check(text.lower() in ("true", "false", "1", "0"), f"{where}: expected true/false, got {text!r}")
+    return text.lower() in ("true", "1")
+  try:
+    return hint(text)
+  except ValueError:
+    raise ValueError(f"{where}: cannot read {text!r} as {hint.__name__}") from None
+
+
+def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+  """``config`` with each ``"section.field=value"`` (or ``"field=value"``) applied.
+
+  All overrides are applied before the config is validated, so
+  ``awd.kind=l1 awd.strength=0.01`` works in either order.
+
+  Raises:
+    ValueError: naming the override, for an unknown field or an unreadable value,
+      or naming the field, for an invalid resulting config.
+  """
+  tree = config.to_dict()
+  for override in overrides:
+    path, sep, text = override.partition("=")
+    _check(bool(sep), f"override {override!r}: expected section.field=value, e.g. es.population=128")
+    node, cls = tree, ExperimentConfig
+    *sections, field = path.strip().split(".")
+    for name in sections + [field]:
+      fields = {f.name for f in dataclasses.fields(cls)}
+      _check(name in fields, f"override {override!r}: {cls.__name__} has no field {name!r}; "
+                             f"fields: {', '.join(sorted(fields))}")
+      hint = typing.get_type_hints(cls)[name]
+      if name == field:
+        _check(not dataclasses.is_dataclass(hint),
+               f"override {override!r}: {name} is a section; set one of its fields")
+        node[name] = _parse(text.strip(), hint, override)
+      else:
+        _check(dataclasses.is_dataclass(hint), f"override {override!r}: {name} is not a section")
+        node, cls = node[name], hint
+  return ExperimentConfig.from_dict(tree)
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def _with(config: ExperimentConfig, name: str, **sections: Mapping[str, Any]) -> ExperimentConfig:
+  changes = {section: dataclasses.replace(getattr(config, section), **fields)
+             for section, fields in sections.items()}
+  return dataclasses.replace(config, name=name, **changes)
+
+
+# The papers' ES on Countdown (reference section 1): full-rank noise, no antithetic
+# pairs, z-score shaping, alpha=5e-4, sigma=1e-3, N=30, 200 prompts, greedy decoding.
+COUNTDOWN_ES = ExperimentConfig()
+GSM8K_ES = _with(COUNTDOWN_ES, "gsm8k_es", task=dict(target="gsm8k", max_new_tokens=512))
+COUNTDOWN_EGGROLL = _with(COUNTDOWN_ES, "countdown_eggroll", es=dict(rank=1))
+AWD_L2 = _with(COUNTDOWN_ES, "countdown_awd_l2", awd=dict(kind="l2", strength=10.0))
+AWD_L1 = _with(COUNTDOWN_ES, "countdown_awd_l1", awd=dict(kind="l1", strength=0.01))
+GRPO = dataclasses.replace(COUNTDOWN_ES, name="grpo", algorithm="grpo")
+
+# The AWD paper's ablation grids (reference section 3).
+L2_GRID = (0.05, 0.5, 1.0, 5.0, 10.0, 50.0, 100.0)
+L1_GRID = (1e-4, 1e-3, 1e-2, 5e-2)
+
+SWEEPS: dict[str, tuple[ExperimentConfig, ...]] = {
+    "awd_l2_sweep": tuple(_with(COUNTDOWN_ES, f"awd_l2_{s:g}", awd=dict(kind="l2", strength=s))
+                          for s in L2_GRID),
+    "awd_l1_sweep": tuple(_with(COUNTDOWN_ES, f"awd_l1_{s:g}", awd=dict(kind="l1", strength=s))
+                          for s in L1_GRID),
+    "population_sweep": tuple(_with(COUNTDOWN_EGGROLL, f"population_{n}", es=dict(population=n))
+                              for n in (30, 128, 256)),
+    "rank_sweep": tuple(_with(COUNTDOWN_ES, f"rank_{r}", es=dict(rank=r)) for r in (1, 4, 16)),
+    "noise_rank": (_with(COUNTDOWN_ES, "full_rank", es=dict(rank=None)),
+                   _with(COUNTDOWN_ES, "low_rank", es=dict(rank=1))),
+}
+
+PRESETS: dict[str, ExperimentConfig] = {
+    c.name: c for c in (COUNTDOWN_ES, GSM8K_ES, COUNTDOWN_EGGROLL, AWD_L2, AWD_L1, GRPO)}
+
+
+def preset(name: str) -> ExperimentConfig:
+  """One run's preset by name."""
+  _check(name in PRESETS, f"unknown preset {name!r}; presets: {', '.join(PRESETS)}; "
+                          f"sweeps: {', '.join(SWEEPS)}")
+  return PRESETS[name]
+
+
+def expand(name: str) -> tuple[ExperimentConfig, ...]:
+  """The configs a preset or sweep name stands for."""
+  if name in SWEEPS:
+    return SWEEPS[name]
+  return (preset(name),)

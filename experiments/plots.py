@@ -1,0 +1,75 @@
+"""PNG plots of a run's (or a sweep's) metrics: forgetting curves, drift norm, sparsity per group.
+
+Each function takes ``{run name: [metrics record, ...]}`` so that a single run
+and a sweep (one line per run) are drawn by the same code.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+Records = Mapping[str, Sequence[Mapping[str, Any]]]
+
+
+def _lines(ax, runs: Records, key: str, title: str, xlabel: str = "iteration") -> None:
+  for name, records in runs.items():
+    points = [(r["iteration"], r[key]) for r in records if r.get(key) is not None]
+    if points:
+      ax.plot(*zip(*points), marker="o", ms=3, label=name)
+  ax.set_title(title)
+  ax.set_xlabel(xlabel)
+  ax.grid(alpha=0.3)
+  if len(runs) > 1 or key == "target_accuracy":
+    ax.legend(fontsize="small")
+
+
+def forgetting_curves(runs: Records) -> Figure:
+  fig = Figure(figsize=(15, 4), layout="constrained")
+  for ax, (key, title) in zip(fig.subplots(1, 3), (
+      ("target_accuracy", "target-task accuracy (held out, greedy)"),
+      ("prior_accuracy", "prior-task accuracy (HellaSwag)"),
+      ("kl_to_base", "KL(pi_theta || pi_0) per token"))):
+    _lines(ax, runs, key, title)
+  return fig
+
+
+def update_norm(runs: Records) -> Figure:
+  fig = Figure(figsize=(6, 4), layout="constrained")
+  ax = fig.subplots()
+  _lines(ax, runs, "update_norm", "update norm ||theta_t - theta_0||_F")
+  ax.set_yscale("symlog", linthresh=1e-6)
+  return fig
+
+
+def sparsity_per_group(runs: Records) -> Figure:
+  """Bars: each group's share of unchanged weights (|delta| <= 1e-6) at the last record."""
+  fig = Figure(figsize=(7, 4), layout="constrained")
+  ax = fig.subplots()
+  groups = list(dict.fromkeys(g for records in runs.values()
+                              for g in records[-1].get("group_sparsity", {})))
+  width = 0.8 / max(len(runs), 1)
+  for i, (name, records) in enumerate(runs.items()):
+    values = [records[-1].get("group_sparsity", {}).get(g, np.nan) for g in groups]
+    ax.bar(np.arange(len(groups)) + i * width, values, width, label=name)
+  ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
+  ax.set_ylim(0, 1)
+  ax.set_title("sparsity per group at the last evaluation (tau = 1e-6)")
+  ax.legend(fontsize="small")
+  return fig
+
+
+def write_plots(runs: Records, out: pathlib.Path) -> list[pathlib.Path]:
+  """``forgetting.png``, ``update_norm.png``, ``sparsity.png`` in ``out``."""
+  out.mkdir(parents=True, exist_ok=True)
+  paths = []
+  for name, make in (("forgetting", forgetting_curves), ("update_norm", update_norm),
+                     ("sparsity", sparsity_per_group)):
+    path = out / f"{name}.png"
+    make(runs).savefig(path, dpi=110)
+    paths.append(path)
+  return paths

@@ -1,0 +1,110 @@
+"""One training iteration of each algorithm, over a state ``{"params", "opt_state"}``.
+
+``EsTrainer``: the papers' ES as ``optax.chain(es_step, sgd(alpha)[, anchored_weight_decay])``
+with the population's rewards computed by decoding (Python scoring) and passed
+as ``fitness=``. ``GrpoTrainer``: the GRPO baseline of :mod:`experiments.grpo`
+on the same model and task. Everything random is a function of the config's
+seed and the iteration, so a state restored from a checkpoint continues
+exactly as the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+import es_jax
+from experiments import components, grpo, rollouts
+from experiments.components import Components
+from experiments.config import ExperimentConfig
+
+PyTree = Any
+State = dict[str, PyTree]
+
+SHAPING = {"z_score": es_jax.z_score, "centered_rank": es_jax.centered_rank,
+           "identity": es_jax.shaping.identity}
+
+
+def es_optimizer(config: ExperimentConfig) -> optax.GradientTransformationExtraArgs:
+  """ES direction (Qiu et al.'s estimator), ``sgd(alpha)``, then AWD as the published post-step rule."""
+  es, awd = config.es, config.awd
+  parts = [
+      es_jax.es_step(None, population=es.population, sigma=es.sigma,
+                     key=jax.random.key(config.seed), rank=es.rank, antithetic=es.antithetic,
+                     fitness_shaping=SHAPING[es.shaping], estimator="qiu", freeze=es.frozen),
+      optax.sgd(es.learning_rate),
+  ]
+  if awd.kind != "none":
+    parts.append(es_jax.anchored_weight_decay(awd.strength, kind=awd.kind,
+                                              learning_rate=es.learning_rate))
+  return optax.chain(*parts)
+
+
+class EsTrainer:
+  """ES fine-tuning: decode every member on the iteration's prompts, score, step."""
+
+  def __init__(self, c: Components, config: ExperimentConfig):
+    self.c, self.config = c, config
+    self.tx = es_optimizer(config)
+
+    @jax.jit
+    def apply(params, opt_state, fitness):
+      updates, opt_state = self.tx.update(None, opt_state, params, fitness=fitness)
+      return optax.apply_updates(params, updates), opt_state
+
+    self._apply = apply
+
+  def init(self, params: PyTree) -> State:
+    return {"params": params, "opt_state": self.tx.init(params)}
+
+  def step(self, state: State, iteration: int) -> tuple[State, dict[str, Any]]:
+    config = self.config
+    indices, position = components.prompt_indices(config, iteration)
+    es_state = state["opt_state"][0]
+    fitness = rollouts.population_fitness(
+        self.c, es_state, state["params"], indices, population=config.es.population,
+        member_chunk=config.es.member_chunk, prompt_batch=config.prompt_batch,
+        max_new_tokens=config.task.max_new_tokens)
+    params, opt_state = self._apply(state["params"], state["opt_state"],
+                                    np.asarray(fitness, np.float32))
+    info = {"train_reward": float(np.nanmean(fitness)), "train_reward_max": float(np.nanmax(fitness)),
+            "failed_members": int(np.sum(~np.isfinite(fitness))), "data_position": position}
+    return {"params": params, "opt_state": opt_state}, info
+
+
+class GrpoTrainer:
+  """The GRPO baseline: sample ``group_size`` completions per prompt, score, one Adam step."""
+
+  def __init__(self, c: Components, config: ExperimentConfig):
+    self.c, self.config = c, config
+    self.grpo_config = config.grpo.grpo_config(max_new_tokens=config.task.max_new_tokens)
+    self.optimizer = self.grpo_config.optimizer()
+    self.update = self.grpo_config.make_update(c.model, self.optimizer)
+
+  def init(self, params: PyTree) -> State:
+    return {"params": params, "opt_state": self.optimizer.init(params)}
+
+  def step(self, state: State, iteration: int) -> tuple[State, dict[str, Any]]:
+    c = self.c
+    indices, position = components.prompt_indices(self.config, iteration)
+    examples = [c.train.examples[i] for i in indices]
+
+    def reward_fn(texts, prompt_of_row):
+      return rollouts.score(c.target_task, [examples[p] for p in prompt_of_row], texts)
+
+    out = grpo.grpo_iteration(
+        c.model, self.update, self.grpo_config, state["params"], state["opt_state"], c.params0,
+        c.train.input_ids[indices], c.train.attention_mask[indices], tokenizer=c.tokenizer,
+        reward_fn=reward_fn, eos_ids=c.eos_ids,
+        key=jax.random.fold_in(jax.random.key(self.config.seed), iteration))
+    info = {"train_reward": out.metrics["reward_mean"], "data_position": position,
+            "kl": out.metrics.get("kl"), "zero_std_groups": out.metrics["zero_std_groups"]}
+    return {"params": out.params, "opt_state": out.opt_state}, info
+
+
+def make_trainer(c: Components, config: ExperimentConfig) -> EsTrainer | GrpoTrainer:
+  """The trainer of ``config.algorithm``."""
+  return EsTrainer(c, config) if config.algorithm == "es" else GrpoTrainer(c, config)

@@ -1,0 +1,17 @@
+"""``python tests/experiment_worker.py ARGS...``: experiments.run's CLI with the test's
+stand-in training reward (see experiment_fixtures.digit_share_reward), for kill tests."""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)  # the same devices as the test process
+
+import experiment_fixtures  # noqa: E402
+from experiments import rollouts, run  # noqa: E402
+
+rollouts.score = experiment_fixtures.digit_share_reward
+sys.exit(run.main(sys.argv[1:]))

@@ -1,0 +1,217 @@
+"""The experiment runner: configs, a countdown_es run on a tiny HF checkpoint, resume after
+SIGKILL, 8 devices against one, and run directories that are never overwritten."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from experiment_fixtures import (digit_share_reward, make_tiny_checkpoint, short_run_overrides,
+                                 write_short_gsm8k, write_short_hellaswag)
+from experiments import components, rollouts
+from experiments import config as config_lib
+from experiments.checkpointing import CheckpointError, RunCheckpointer
+from experiments.config import ExperimentConfig, apply_overrides, preset
+from experiments.run import RunError, fingerprint, main, run
+from experiments.trainers import make_trainer
+
+WORKER = pathlib.Path(__file__).parent / "experiment_worker.py"
+RECORD_KEYS = {"iteration", "target_accuracy", "target_reward", "prior_accuracy", "kl_to_base",
+               "update_norm", "sparsity", "group_norms", "group_sparsity", "train_reward",
+               "wall_time_s"}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+  root = tmp_path_factory.mktemp("assets")
+  return types.SimpleNamespace(
+      checkpoint=make_tiny_checkpoint(root / "ckpt"),
+      gsm8k=write_short_gsm8k(root / "gsm8k.jsonl"),
+      hellaswag=write_short_hellaswag(root / "hellaswag.jsonl"))
+
+
+def short_config(assets, *extra: str) -> ExperimentConfig:
+  overrides = short_run_overrides(assets.checkpoint, assets.gsm8k, assets.hellaswag)
+  return apply_overrides(preset("countdown_es"), overrides + list(extra))
+
+
+def read_metrics(run_dir: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_time(records):
+  return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in records]
+
+
+def final_state(config: ExperimentConfig, run_dir: pathlib.Path):
+  c = components.build(config)
+  like = make_trainer(c, config).init(c.params0)
+  with RunCheckpointer(run_dir / "checkpoints", fingerprint=fingerprint(config)) as checkpointer:
+    state, _ = checkpointer.restore(like)
+  return state
+
+
+def assert_trees_equal(a, b):
+  a_leaves, a_def = jax.tree.flatten(a)
+  b_leaves, b_def = jax.tree.flatten(b)
+  assert a_def == b_def
+  for x, y in zip(a_leaves, b_leaves):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def test_presets_carry_the_published_settings():
+  es = preset("countdown_es")
+  assert (es.es.population, es.es.sigma, es.es.learning_rate, es.task.num_train) == (30, 1e-3, 5e-4, 200)
+  assert es.es.shaping == "z_score" and not es.es.antithetic and es.awd.kind == "none"
+  assert (preset("countdown_awd_l2").awd.kind, preset("countdown_awd_l2").awd.strength) == ("l2", 10.0)
+  assert (preset("countdown_awd_l1").awd.kind, preset("countdown_awd_l1").awd.strength) == ("l1", 0.01)
+  grpo = preset("grpo")
+  assert (grpo.algorithm, grpo.grpo.group_size, grpo.grpo.kl_beta) == ("grpo", 30, 1e-3)
+  assert preset("gsm8k_es").task.target == "gsm8k"
+  assert [c.es.population for c in config_lib.expand("population_sweep")] == [30, 128, 256]
+  assert {c.es.rank for c in config_lib.expand("noise_rank")} == {None, 1}
+
+
+def test_overrides_parse_by_field_type_and_round_trip_through_json():
+  cfg = apply_overrides(preset("countdown_es"), [
+      "es.rank=4", "es.freeze=embed,lm_head", "es.antithetic=true", "task.prompts_per_iteration=none",
+      "awd.kind=l1", "awd.strength=0.01", "iterations=7"])
+  assert (cfg.es.rank, cfg.es.freeze, cfg.es.antithetic, cfg.iterations) == (4, ("embed", "lm_head"), True, 7)
+  assert ExperimentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("es.populaton=3", "no field 'populaton'"),
+    ("es.population=many", "cannot read 'many' as int"),
+    ("es.population=1", "es.population=1 must be >= 2"),
+    ("awd.kind=l3", "awd.kind='l3'"),
+    ("es", "expected section.field=value"),
+])
+def test_bad_overrides_say_what_is_wrong(override, message):
+  with pytest.raises(ValueError, match=message):
+    apply_overrides(preset("countdown_es"), [override])
+
+
+def test_l2_awd_needs_alpha_lambda_below_one():
+  with pytest.raises(ValueError, match="must be < 1"):
+    apply_overrides(preset("countdown_awd_l2"), ["awd.strength=2000"])
+
+
+def test_prompt_order_is_a_fresh_permutation_each_epoch():
+  cfg = apply_overrides(preset("countdown_es"), ["task.num_train=10", "task.prompts_per_iteration=4"])
+  seen = np.concatenate([components.prompt_indices(cfg, it)[0] for it in range(1, 6)])
+  assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
+  assert components.prompt_indices(cfg, 3)[1] == 12
+  full = components.prompt_indices(preset("countdown_es"), 5)[0]
+  np.testing.assert_array_equal(full, np.arange(200))  # the papers' ES: every prompt, every time
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_countdown_es_runs_on_a_tiny_hf_checkpoint(assets, tmp_path):
+  """Wiring: the countdown_es preset, real Countdown reward, 2 iterations, eval and checkpoints."""
+  out = tmp_path / "run"
+  rc = main(["countdown_es", "--out", str(out), "--no-progress", "--set",
+             f"model.checkpoint={assets.checkpoint}", "model.dtype=float32", "task.num_train=3",
+             "task.num_eval=2", "task.max_new_tokens=5", f"task.prior_source={assets.hellaswag}",
+             "task.num_prior=2", "task.kl_prompts=1", "es.population=4", "iterations=2",
+             "eval_every=1", "checkpoint_every=1", "prompt_batch=3", "pop_devices=1"])
+  assert rc == 0
+  records = read_metrics(out)
+  assert [r["iteration"] for r in records] == [0, 1, 2]
+  for r in records:
+    assert RECORD_KEYS <= set(r)
+    assert 0 <= r["target_accuracy"] <= 1 and 0 <= r["prior_accuracy"] <= 1
+    assert set(r["group_sparsity"]) >= {"q", "k", "v", "o", "mlp", "norm"}
+  for name in ("forgetting.png", "update_norm.png", "sparsity.png", "config.json"):
+    assert (out / name).stat().st_size > 0
+  assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
+
+
+def test_resume_after_sigkill_is_bit_identical(assets, tmp_path, monkeypatch):
+  monkeypatch.setattr(rollouts, "score", digit_share_reward)
+  config = short_config(assets, "iterations=8")
+  reference = run(config, tmp_path / "reference", progress=False)
+  assert reference[-1]["update_norm"] > 0  # the test reward gives real updates
+
+  killed = tmp_path / "killed"
+  overrides = short_run_overrides(assets.checkpoint, assets.gsm8k, assets.hellaswag)
+  proc = subprocess.Popen(
+      [sys.executable, str(WORKER), "countdown_es", "--out", str(killed), "--no-progress",
+       "--set", *overrides, "iterations=8"],
+      env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  deadline = time.monotonic() + 240
+  while not any(p.name.isdigit() for p in (killed / "checkpoints").glob("*")):
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    assert time.monotonic() < deadline, "no checkpoint within 240 s"
+    time.sleep(0.02)
+  assert proc.poll() is None, "the run finished before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  saved = sorted(int(p.name) for p in (killed / "checkpoints").glob("*") if p.name.isdigit())
+  assert saved and saved[-1] < 8
+
+  resumed = run(config, killed, resume=True, progress=False)
+  assert without_time(resumed) == without_time(reference)
+  assert without_time(read_metrics(killed)) == without_time(reference)
+  assert_trees_equal(final_state(config, killed), final_state(config, tmp_path / "reference"))
+
+
+def test_eight_devices_give_the_metrics_of_one(assets, tmp_path, monkeypatch):
+  monkeypatch.setattr(rollouts, "score", digit_share_reward)
+  one = run(short_config(assets, "iterations=2", "pop_devices=1"), tmp_path / "one", progress=False)
+  eight = run(short_config(assets, "iterations=2", "pop_devices=8"), tmp_path / "eight",
+              progress=False)
+  assert one[-1]["update_norm"] > 0
+  for a, b in zip(without_time(one), without_time(eight)):
+    assert a.keys() == b.keys()
+    for key in a:
+      if isinstance(a[key], dict):
+        np.testing.assert_allclose(list(b[key].values()), list(a[key].values()), rtol=1e-5, atol=1e-7)
+      elif isinstance(a[key], float):
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7, err_msg=key)
+      else:
+        assert a[key] == b[key], key
+
+
+def test_a_run_directory_is_never_overwritten(assets, tmp_path, monkeypatch):
+  monkeypatch.setattr(rollouts, "score", digit_share_reward)
+  config = short_config(assets, "iterations=2")
+  out = tmp_path / "run"
+  run(config, out, progress=False)
+  files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  with pytest.raises(RunError, match="--resume"):
+    run(config, out, progress=False)
+  with pytest.raises(CheckpointError, match="sigma"):
+    run(apply_overrides(config, ["es.sigma=0.1"]), out, resume=True, progress=False)
+  assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+  # Extending a finished run is a resume with more iterations.
+  extended = run(apply_overrides(config, ["iterations=4"]), out, resume=True, progress=False)
+  assert [r["iteration"] for r in extended] == [0, 2, 4]
+
+
+def test_grpo_runs_on_the_same_model_and_task(assets, tmp_path, monkeypatch):
+  monkeypatch.setattr(rollouts, "score", digit_share_reward)
+  config = short_config(assets, "algorithm=grpo", "grpo.group_size=4", "grpo.prompts_per_iteration=2",
+                        "grpo.learning_rate=1e-3", "iterations=2")
+  records = run(config, tmp_path / "grpo", progress=False)
+  assert [r["iteration"] for r in records] == [0, 2]
+  assert records[-1]["update_norm"] > 0 and records[-1]["kl_to_base"] > 0
+  assert 0 < records[-1]["train_reward"] < 1
