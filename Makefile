@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m experiments.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --doctest-modules es_jax tests
+	$(BIN)/python -m pytest -n 2 --doctest-modules es_jax experiments tests
 
 clean:
 	rm -rf $(VENV)

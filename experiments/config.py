@@ -7,9 +7,10 @@ sub-directories. ``apply_overrides(config, ["es.population=128"])`` changes
 any field by its dotted path, parsing the value by the field's type.
 
 Example:
-  >>> cfg = apply_overrides(preset("countdown_es"), ["es.population=128", "awd.kind=l2"])
-  >>> cfg.es.population, cfg.awd.kind, cfg.es.sigma
-  (128, 'l2', 0.001)
+  >>> cfg = apply_overrides(preset("countdown_es"), ["es.population=128", "awd.kind=l2",
+  ...                                                "awd.strength=10"])
+  >>> cfg.es.population, cfg.awd.kind, cfg.awd.strength, cfg.es.sigma
+  (128, 'l2', 10.0, 0.001)
 """
 
 from __future__ import annotations
