@@ -166,6 +166,8 @@ class GrpoSpec:
     temperature: sampling temperature of the rollouts.
     num_inner_steps: optimisation steps per rollout batch (mu).
     max_grad_norm: global-norm gradient clip (None: off).
+    micro_batches: gradient accumulation: the ``prompts * group_size`` rows are
+      split into this many parts for memory (one Adam step per iteration still).
   """
   group_size: int = 30
   prompts_per_iteration: int = 8
@@ -175,6 +177,7 @@ class GrpoSpec:
   temperature: float = 1.0
   num_inner_steps: int = 1
   max_grad_norm: float | None = 1.0
+  micro_batches: int = 1
 
   def __post_init__(self):
     _check(self.prompts_per_iteration >= 1,

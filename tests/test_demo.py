@@ -66,17 +66,23 @@ def test_quick_demo_writes_table_metrics_and_plots(tmp_path, capsys):
     assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
   table = (tmp_path / "table.md").read_text()
   assert table.strip() in printed
-  assert table.startswith("| run |") and "| ES + AWD (L2, lambda=" in table
+  assert table.startswith("| run |") and "| ES + AWD (L2, lambda=" in table and "| GRPO (G=" in table
+  assert "ES/GRPO update-norm ratio" in printed
 
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   runs = list(dict.fromkeys(r["run"] for r in records))
-  assert runs == [row["run"] for row in summary["rows"]] and len(runs) == 2
-  plain, awd = ([r for r in records if r["run"] == run] for run in runs)
+  assert runs == [row["run"] for row in summary["rows"]] and len(runs) == 3
+  plain, awd, gradient = ([r for r in records if r["run"] == run] for run in runs)
+  assert runs[2].startswith("GRPO")
   cfg = summary["config"]
   expected_iterations = list(range(0, cfg["iterations"] + 1, cfg["eval_every"]))
   assert [r["iteration"] for r in plain] == [r["iteration"] for r in awd] == expected_iterations
+  assert [r["iteration"] for r in gradient] == list(
+      range(0, cfg["grpo_iterations"] + 1, cfg["eval_every"]))
+  assert gradient[-1]["update_norm"] > 0.0
   for r in records:
     assert math.isfinite(r["update_norm"]) and 0.0 <= r["sparsity"] <= 1.0
+    assert 0.0 <= r["sparsity_bf16"] <= 1.0
     assert 0.0 <= r["new_task_reward"] <= 1.0 and 0.0 <= r["prior_task_accuracy"] <= 1.0
   assert plain[0]["update_norm"] == 0.0 and plain[0]["sparsity"] == 1.0
   assert plain[-1]["update_norm"] > 0.0
