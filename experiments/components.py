@@ -10,7 +10,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -83,10 +82,8 @@ def load_examples(config: ExperimentConfig) -> tuple[list[Any], list[Any]]:
 
 def build(config: ExperimentConfig) -> Components:
   """Loads the checkpoint and tokenizer, and the target and prior tasks' data."""
-  dtype = jnp.dtype(config.model.dtype)
-  model, params = load_model(config.model.checkpoint, dtype=dtype,
+  model, params = load_model(config.model.checkpoint, dtype=jnp.dtype(config.model.dtype),
                              param_dtype=jnp.dtype(config.model.param_dtype))
-  params = jax.tree.map(lambda x: x.astype(config.model.param_dtype), params)
   tokenizer = load_tokenizer(config.model.checkpoint)
   target_task = get_task(config.task.target)
   train, held_out = load_examples(config)

@@ -113,7 +113,8 @@ class EsSpec:
       embedding table with low-rank noise (EGGROLL's reference excludes it,
       and a table lookup cannot take a low-rank factor), nothing with full rank.
     member_chunk: members decoded together (bounds memory: with full-rank
-      noise each holds a copy of the weights); None = all.
+      noise each holds a copy of the weights); None = all members with
+      low-rank noise, 4 with full-rank noise.
   """
   population: int = 30
   sigma: float = 1e-3
@@ -132,6 +133,13 @@ class EsSpec:
     _check(self.shaping in SHAPINGS, f"es.shaping={self.shaping!r}: use one of {SHAPINGS}")
     _check(self.member_chunk is None or self.member_chunk >= 1,
            f"es.member_chunk={self.member_chunk} must be >= 1 or None")
+
+  @property
+  def members_per_decode(self) -> int:
+    """``member_chunk`` with its default resolved."""
+    if self.member_chunk is not None:
+      return min(self.member_chunk, self.population)
+    return self.population if self.rank is not None else min(4, self.population)
 
   @property
   def frozen(self) -> tuple[str, ...]:

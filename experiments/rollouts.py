@@ -48,14 +48,13 @@ def score(task: Any, examples, texts) -> np.ndarray:
 
 
 def population_fitness(c: Components, es_state, params: PyTree, indices, *, population: int,
-                       member_chunk: int | None, prompt_batch: int,
+                       member_chunk: int, prompt_batch: int,
                        max_new_tokens: int) -> np.ndarray:
   """Each member's mean reward over ``train[indices]`` (greedy decoding), shape ``(N,)``."""
-  chunk_size = member_chunk or population
   examples = [c.train.examples[i] for i in indices]
   fitness = np.empty(population)
-  for first in range(0, population, chunk_size):
-    n = min(chunk_size, population - first)
+  for first in range(0, population, member_chunk):
+    n = min(member_chunk, population - first)
     noise = _chunk_noise(n, es_state, params, first)
     texts = [[] for _ in range(n)]
     for chunk, ids, mask in c.train.batches(indices, prompt_batch):

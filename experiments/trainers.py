@@ -66,7 +66,7 @@ class EsTrainer:
     es_state = state["opt_state"][0]
     fitness = rollouts.population_fitness(
         self.c, es_state, state["params"], indices, population=config.es.population,
-        member_chunk=config.es.member_chunk, prompt_batch=config.prompt_batch,
+        member_chunk=config.es.members_per_decode, prompt_batch=config.prompt_batch,
         max_new_tokens=config.task.max_new_tokens)
     params, opt_state = self._apply(state["params"], state["opt_state"],
                                     np.asarray(fitness, np.float32))

@@ -17,7 +17,7 @@ def make_tiny_checkpoint(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
   tok = char_tokenizer()
   torch.manual_seed(seed)
   config = transformers.Qwen2Config(
-      vocab_size=len(tok), hidden_size=28, intermediate_size=44, num_hidden_layers=2,
+      vocab_size=len(tok), hidden_size=28, intermediate_size=44, num_hidden_layers=1,
       num_attention_heads=2, num_key_value_heads=1, head_dim=14, max_position_embeddings=1024,
       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
       bos_token_id=None, initializer_range=0.2)
@@ -45,8 +45,8 @@ def short_run_overrides(checkpoint: pathlib.Path, data: pathlib.Path, hellaswag:
   return [f"model.checkpoint={checkpoint}", "model.dtype=float32", "task.target=gsm8k",
           f"task.train_source={data}", f"task.eval_source={data}", "task.num_train=4",
           "task.num_eval=3", "task.max_new_tokens=6", f"task.prior_source={hellaswag}",
-          "task.num_prior=2", "task.kl_prompts=2", "es.population=8", "es.sigma=0.05",
-          "es.learning_rate=0.02", "prompt_batch=4", "eval_every=2", "checkpoint_every=2",
+          "task.num_prior=2", "task.kl_prompts=2", "es.population=8", "es.member_chunk=8",
+          "es.sigma=0.2", "es.learning_rate=0.02", "prompt_batch=4", "eval_every=2", "checkpoint_every=2",
           "keep_checkpoints=2", "pop_devices=1"]
 
 

@@ -147,7 +147,9 @@ def test_fast_path_update_equals_generic_path(chunk_size):
   want, s1 = jax.jit(generic.update)(None, generic.init(MLP_PARAMS), MLP_PARAMS, batch=X)
   got, s2 = jax.jit(fast.update)(None, fast.init(MLP_PARAMS), MLP_PARAMS, batch=X)
   chex.assert_trees_all_close(s1.rewards, s2.rewards, rtol=1e-5)
-  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-6)
+  # Entries reach ~12 and are sums of member terms of that size: float32 rounding
+  # leaves ~1e-6 of the scale, so atol is set relative to it, not to each entry.
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_population_forward_never_forms_member_weights():
