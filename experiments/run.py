@@ -12,7 +12,8 @@ Usage::
 A run directory holds ``config.json``, ``metrics.jsonl`` (one record per
 ``eval_every`` iterations: target-task accuracy and reward, prior-task
 accuracy, KL to the base model, update norm and sparsity, per group too,
-training reward, wall time), the plots ``forgetting.png``,
+training reward, and ``wall_time_s``: seconds spent training so far, evaluation
+excluded, summed over resumptions), the plots ``forgetting.png``,
 ``update_norm.png`` and ``sparsity.png``, and ``checkpoints/`` (orbax; params,
 optimizer and ES state with its keys and counts, the AWD anchor, the data
 position and the metrics so far). Resuming restores the newest checkpoint and
@@ -108,7 +109,6 @@ def run(config: ExperimentConfig, out: str | pathlib.Path, *, resume: bool = Fal
       records.append({**evaluate.snapshot(c, config, state["params"], 0), "train_reward": None,
                       "wall_time_s": 0.0})
       _write_metrics(out / "metrics.jsonl", records)
-    info: dict[str, Any] = {}
     bar = tqdm(range(start + 1, config.iterations + 1), initial=start, total=config.iterations,
                desc=config.name, disable=not progress, ncols=100)
     for iteration in bar:
