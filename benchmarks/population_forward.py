@@ -1,5 +1,10 @@
 """Population forward: EGGROLL fast path vs plain inference vs full-rank ES.
 
+A microbenchmark on a stack of ``es_jax.Dense`` layers, with a PRNG section
+(speed and batching safety of threefry / rbg keys). The main benchmark, on the
+Qwen2 port with evosax and the whole ES iteration, is ``python -m
+benchmarks.run``; both time through :mod:`benchmarks.common`.
+
 What is measured (all in one process, float32, default JAX device):
 
 * Model: an MLP of 4 :class:`es_jax.Dense` layers of width 384 (``--quick``:
@@ -65,19 +70,17 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import es_jax
+from benchmarks import common
 from es_jax import noise as noise_lib
 from es_jax.noise import LowRank, NoiseSpec
 
@@ -143,22 +146,10 @@ class Timing:
 
 
 def compile_and_warm(fn: Callable, *args) -> tuple[float, Callable[[], Any]]:
-  """Compile time of ``jit(fn)`` (trace + lower + compile) and a warmed-up call."""
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - start
-  jax.block_until_ready(compiled(*args))  # warm-up
-  return compile_s, lambda: compiled(*args)
-
-
-def time_call(call: Callable[[], Any]) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(call())
-  return time.perf_counter() - start
-
-
-def log(message: str) -> None:
-  print(message, file=sys.stderr, flush=True)
+  """Compile time of ``jit(fn)`` (lower + compile) and a warmed-up call."""
+  program = common.compile_program(fn, *args)
+  jax.block_until_ready(program.call())  # warm-up
+  return program.lower_s + program.compile_s, program.call
 
 
 # --------------------------------------------------------------------------- forwards
@@ -272,13 +263,13 @@ def measure_methods(grid: Grid, section: str, population: int, tokens: int,
   calls = {}
   for method in methods:
     fn, args = build(method, model, params, x, key, generation, population)
-    log(f"[{section}] N={population} B={tokens} compiling {method} ...")
+    common.log(f"[{section}] N={population} B={tokens} compiling {method} ...")
     calls[method] = compile_and_warm(fn, *args)
   times = {method: [] for method in methods}
   for i in range(grid.repeats):
-    log(f"[{section}] N={population} B={tokens} round {i + 1}/{grid.repeats}")
+    common.log(f"[{section}] N={population} B={tokens} round {i + 1}/{grid.repeats}")
     for method, (_, call) in calls.items():
-      times[method].append(time_call(call))
+      times[method].append(common.time_call(call))
   return [Row(section_of(section, method), method, population, tokens,
               Timing(calls[method][0], statistics.median(t), min(t), t))
           for method, t in times.items()]
@@ -350,13 +341,13 @@ def measure_prng_speed(grid: Grid, shapes) -> list[dict]:
     normals = population * sum(_normals_per_member(spec, s.shape) for s in jax.tree.leaves(shapes))
     calls = {}
     for impl in PRNG_IMPLS:
-      log(f"[prng] N={population} rank={rank} compiling {impl} ...")
+      common.log(f"[prng] N={population} rank={rank} compiling {impl} ...")
       with in_prng_mode(impl):
         calls[impl] = compile_and_warm(noise_fn(spec, shapes), prng_key(impl), jnp.int32(0))
     times = {impl: [] for impl in PRNG_IMPLS}
     for _ in range(grid.repeats):  # interleaved rounds, as in measure_methods
       for impl, (_, call) in calls.items():
-        times[impl].append(time_call(call))
+        times[impl].append(common.time_call(call))
     for impl, t in times.items():
       median = statistics.median(t)
       results.append(dict(impl=impl, population=population, rank=rank, normals=normals,
@@ -427,12 +418,6 @@ def check_prng_consistency(impl: str, shapes, population: int = 8, chunk: int = 
 # --------------------------------------------------------------------------- report
 
 
-def markdown_table(headers: list[str], rows: list[list[Any]]) -> str:
-  lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines)
-
-
 def _find(rows: list[Row], method: str, population: int, tokens: int) -> Row | None:
   for row in rows:
     if (row.method, row.population, row.tokens) == (method, population, tokens):
@@ -461,7 +446,7 @@ def timing_table(rows: list[Row], all_rows: list[Row]) -> str:
         "-" if vs_full is None else f"{vs_full:.1f}x"])
   headers = ["N", "B", "method", "compile s", "median ms", "min ms", "tokens/s (median)",
              "vs plain", "vs full-rank"]
-  return markdown_table(headers, body)
+  return common.markdown_table(headers, body)
 
 
 def prng_tables(speed: list[dict], safety: list[dict]) -> str:
@@ -473,24 +458,11 @@ def prng_tables(speed: list[dict], safety: list[dict]) -> str:
                   f"{s['antithetic_pairs_exact_in_vmap']}/{s['population'] // 2}",
                   f"{s['update_rel_error']:.2g}"] for s in safety]
   return "\n\n".join([
-      markdown_table(["N", "rank", "impl", "compile s", "median ms", "M normals/s"], speed_rows),
-      markdown_table(["impl", "same alone vs vmap", "same alone vs chunks",
+      common.markdown_table(["N", "rank", "impl", "compile s", "median ms", "M normals/s"],
+                            speed_rows),
+      common.markdown_table(["impl", "same alone vs vmap", "same alone vs chunks",
                       "max abs diff alone vs vmap / sigma", "antithetic exact in vmap",
                       "update rel. error"], safety_rows)])
-
-
-def machine() -> dict:
-  model_name = "unknown"
-  if os.path.exists("/proc/cpuinfo"):
-    with open("/proc/cpuinfo") as f:
-      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-    model_name = names[0] if names else model_name
-  device = jax.devices()[0]
-  return dict(cpu_model=model_name, cpu_count=os.cpu_count(),
-              cpus_usable=len(os.sched_getaffinity(0)), platform=platform.platform(),
-              python=platform.python_version(), jax=jax.__version__, flax=flax.__version__,
-              backend=jax.default_backend(), device_kind=device.device_kind,
-              num_devices=jax.device_count())
 
 
 def row_dict(row: Row, all_rows: list[Row]) -> dict:
@@ -533,7 +505,7 @@ def run(grid: Grid) -> tuple[dict, str]:
       prng_tables(speed, safety)])
   results = dict(
       grid=dataclasses.asdict(grid), sigma=SIGMA, full_rank_chunk=FULL_RANK_CHUNK,
-      machine=machine(), load_average_before=load_before, load_average_after=os.getloadavg(),
+      machine=common.machine(), load_average_before=load_before, load_average_after=os.getloadavg(),
       total_wall_s=time.perf_counter() - start,
       timings=[row_dict(r, all_rows) for r in all_rows], prng_speed=speed, prng_safety=safety)
   return results, report
