@@ -213,12 +213,17 @@ def explanations(rows: list[Row]) -> str:
         f"{fmt_ms(fast['median_s'])} ms ({fast['vs_plain']:.2f}x plain). With the noise drawn "
         f"beforehand the same forward takes {fmt_ms(profile['median_s'])} ms "
         f"({profile['vs_plain']:.2f}x plain), and drawing it alone takes "
-        f"{fmt_ms(draw['median_s'])} ms, yet drawing it inside the forward adds "
-        f"{fmt_ms(extra)} ms ({extra / draw['median_s']:.1f}x the draw alone). Cause: XLA:CPU "
-        "fuses the erf-inverse step of the normal sampler into the elementwise fusions that "
-        "consume the factor b of (x a) b^T, recomputing it for every token and sign. With the "
-        "draw behind a fusion boundary (a lax.cond, so the factors are materialised once) the "
-        f"fast path takes {fmt_ms(fenced['median_s'])} ms ({fenced['vs_plain']:.2f}x plain).")
+        f"{fmt_ms(draw['median_s'])} ms. " + (
+            f"Yet drawing it inside the forward adds {fmt_ms(extra)} ms "
+            f"({extra / draw['median_s']:.1f}x the draw alone). Cause: XLA:CPU fuses the "
+            "erf-inverse step of the normal sampler into the elementwise fusions that consume "
+            "the factor b of (x a) b^T, recomputing it for every token and sign."
+            if extra > draw["median_s"] else
+            "Drawing it inside the forward costs no more than that here (difference "
+            f"{fmt_ms(extra)} ms): the gap is applying the low-rank terms.") +
+        " With the draw behind a fusion boundary (a lax.cond, so the factors are materialised "
+        f"once) the fast path takes {fmt_ms(fenced['median_s'])} ms "
+        f"({fenced['vs_plain']:.2f}x plain).")
   forward = select(rows, section="forward")
   models = list(dict.fromkeys(r["model"] for r in forward))
   if models:
