@@ -108,10 +108,10 @@ def prompt_indices(config: ExperimentConfig, iteration: int) -> tuple[np.ndarray
   if config.algorithm == "grpo":
     k = min(config.grpo.prompts_per_iteration, n)
   start = (iteration - 1) * k
+  if k == n and config.algorithm == "es":
+    return np.arange(n), start + k
   positions = np.arange(start, start + k)
   epochs = positions // n
   order = {int(e): np.random.default_rng([config.seed, int(e)]).permutation(n)
            for e in np.unique(epochs)}
-  if k == n and config.algorithm == "es":
-    return np.arange(n), start + k
   return np.array([order[int(e)][p % n] for e, p in zip(epochs, positions)]), start + k
