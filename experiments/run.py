@@ -104,11 +104,11 @@ def run(config: ExperimentConfig, out: str | pathlib.Path, *, resume: bool = Fal
       start, records, wall = meta["iteration"], list(meta["metrics"]), meta["wall_time_s"]
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    _write_metrics(out / "metrics.jsonl", records)
     if start == 0:
       records.append({**evaluate.snapshot(c, config, state["params"], 0), "train_reward": None,
                       "wall_time_s": 0.0})
-      _write_metrics(out / "metrics.jsonl", records)
+    # On resume this also drops records a killed run wrote after its last checkpoint.
+    _write_metrics(out / "metrics.jsonl", records)
     bar = tqdm(range(start + 1, config.iterations + 1), initial=start, total=config.iterations,
                desc=config.name, disable=not progress, ncols=100)
     for iteration in bar:
