@@ -247,6 +247,49 @@ def test_generator_is_seeded():
   assert cd.generate_instances(20, seed=5) != cd.generate_instances(20, seed=6)
 
 
+@pytest.mark.parametrize("kwargs, bound", [
+    # The largest value of 3 or 4 numbers <= 2 is 16 ((2+2)*(2+2)); 2**3 * 2**4 = 128 bounds it.
+    (dict(low=1, high=2, min_target=1000, max_target=1000), 128),
+    (dict(low=1, high=3, number_counts=(3,), min_target=-10**6, max_target=-1000), 108),
+])
+def test_generator_refuses_targets_beyond_every_expression_at_once(kwargs, bound):
+  # Brute force agrees that no target in the range is reachable at all.
+  assert not any(kwargs["min_target"] <= v <= kwargs["max_target"]
+                 for n in kwargs.get("number_counts", (3, 4))
+                 for numbers in itertools.product(range(1, kwargs["high"] + 1), repeat=n)
+                 for v in _all_values(numbers))
+  start = time.perf_counter()
+  with pytest.raises(ValueError, match=rf"no instance exists: .*magnitude at most {bound}, "
+                     rf"outside \[min_target={kwargs['min_target']}, "
+                     rf"max_target={kwargs['max_target']}\]"):
+    cd.generate_instances(3, **kwargs)
+  assert time.perf_counter() - start < 1.0
+
+
+def test_generator_gives_up_after_max_draws_naming_the_constraints():
+  # Four 1s reach at most (1+1)*(1+1) = 4, yet 7 is within the magnitude bound 2**3 = 8.
+  assert Fraction(7) not in _all_values((1, 1, 1, 1)) | _all_values((1, 1, 1))
+  with pytest.raises(ValueError, match=r"no target in \[min_target=7, max_target=7\] was "
+                     r"reached in 500 draws of \(3, 4\) numbers from \[low=1, high=1\]"):
+    cd.generate_instances(2, low=1, high=1, min_target=7, max_target=7, max_draws=500)
+  # Rare but reachable targets are found: the budget counts draws per instance.
+  assert [ex.target for ex in cd.generate_instances(
+      3, seed=2, low=1, high=1, min_target=4, max_target=4, max_draws=500)] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(number_counts=()), "number_counts must be a non-empty sequence of ints >= 1"),
+    (dict(number_counts=(3, -1)), r"number_counts .* got \(3, -1\)"),
+    (dict(number_counts=(0,)), r"number_counts .* got \(0,\)"),
+    (dict(number_counts=3), "number_counts .* got 3"),
+    (dict(low=1.5), "low must be an int, got 1.5"),
+    (dict(max_draws=0), "max_draws must be >= 1"),
+])
+def test_generator_validates_its_arguments(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    cd.generate_instances(2, **kwargs)
+
+
 @pytest.mark.parametrize("numbers, target", [
     ([1, 1, 1], 100), ([2, 3, 4], 14), ([99, 98, 1, 1], 1), ([5, 7, 11], 0), ([3, 8, 8], 1),
     ([10, 10, 10, 10], 999), ([4, 7], Fraction(4, 7)),

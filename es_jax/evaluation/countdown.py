@@ -23,6 +23,7 @@ import random
 import re
 from collections.abc import Sequence
 from fractions import Fraction
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -263,7 +264,8 @@ def _random_value(numbers: list[int], rng: random.Random) -> Fraction | None:
 
 def generate_instances(num_instances: int, seed: int = 0, *,
                        number_counts: Sequence[int] = (3, 4), low: int = 1, high: int = 99,
-                       min_target: int = 1, max_target: int = 100) -> list[CountdownExample]:
+                       min_target: int = 1, max_target: int = 100,
+                       max_draws: int = 200_000) -> list[CountdownExample]:
   """Seeded, solvable Countdown instances, each with a solution found by :func:`solve`.
 
   Numbers are drawn uniformly from ``[low, high]``; the target is the value of a
@@ -274,24 +276,69 @@ def generate_instances(num_instances: int, seed: int = 0, *,
   Args:
     num_instances: how many to make.
     seed: the same seed gives the same instances (Python's ``random.Random``).
-    number_counts: how many numbers an instance may have, drawn uniformly.
+    number_counts: how many numbers an instance may have, drawn uniformly
+      (each >= 1).
     low, high: range of the numbers.
     min_target, max_target: range of the targets.
+    max_draws: draws allowed for one instance before giving up (a target
+      range that no draw can hit would otherwise loop forever).
+
+  Raises:
+    ValueError: for invalid arguments, for a target range that no expression
+      can reach (every value over ``n`` numbers is at most
+      ``2**(n-1) * high**n`` in magnitude), or when ``max_draws`` draws in a
+      row give no target in ``[min_target, max_target]`` (naming the
+      constraints).
 
   Example:
     >>> [ex.numbers for ex in generate_instances(2, seed=1)] == [
     ...     ex.numbers for ex in generate_instances(2, seed=1)]
     True
+    >>> generate_instances(1, low=1, high=1, min_target=7, max_target=7, max_draws=100)
+    ... # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: no target in [min_target=7, max_target=7] was reached in 100 draws of ...
   """
+  for name, value in (("num_instances", num_instances), ("low", low), ("high", high),
+                      ("min_target", min_target), ("max_target", max_target),
+                      ("max_draws", max_draws)):
+    if not _is_int(value):
+      raise ValueError(f"{name} must be an int, got {value!r}")
   if num_instances < 0:
     raise ValueError(f"num_instances must be >= 0, got {num_instances}")
+  if max_draws < 1:
+    raise ValueError(f"max_draws must be >= 1, got {max_draws}")
   if not 1 <= low <= high or min_target > max_target:
     raise ValueError(f"need 1 <= low <= high and min_target <= max_target, got low={low}, "
                      f"high={high}, min_target={min_target}, max_target={max_target}")
+  try:
+    counts = [] if isinstance(number_counts, (str, bytes)) else list(number_counts)
+  except TypeError:  # a bare int
+    counts = []
+  if not counts or not all(_is_int(n) and n >= 1 for n in counts):
+    raise ValueError(f"number_counts must be a non-empty sequence of ints >= 1, such as (3, 4), "
+                     f"got {number_counts!r}")
+  # Any value over n numbers is p/q with |p|, |q| <= 2**(n-1) * prod(numbers) (induction over
+  # + - * /), so a target range beyond that bound is unreachable, however long one draws.
+  bound = max(2**(n - 1) * high**n for n in counts)
+  if min_target > bound or max_target < -bound:
+    raise ValueError(
+        f"no instance exists: expressions over {tuple(counts)} numbers from [low={low}, "
+        f"high={high}] have values of magnitude at most {bound}, outside [min_target="
+        f"{min_target}, max_target={max_target}]; change the target range, high or "
+        "number_counts.")
   rng = random.Random(seed)
   instances = []
+  draws = 0
   while len(instances) < num_instances:
-    numbers = [rng.randint(low, high) for _ in range(rng.choice(list(number_counts)))]
+    if draws == max_draws:
+      raise ValueError(
+          f"no target in [min_target={min_target}, max_target={max_target}] was reached in "
+          f"{max_draws} draws of {tuple(counts)} numbers from [low={low}, high={high}]; widen "
+          "the target range, the number range or number_counts (or raise max_draws if such "
+          "targets are merely rare).")
+    draws += 1
+    numbers = [rng.randint(low, high) for _ in range(rng.choice(counts))]
     value = _random_value(numbers, rng)
     if value is None or value.denominator != 1 or not min_target <= value <= max_target:
       continue
@@ -300,7 +347,12 @@ def generate_instances(num_instances: int, seed: int = 0, *,
     if solution is None:  # cannot happen: the drawn tree is itself a solution
       raise AssertionError(f"solver found no solution for {numbers} -> {target}")
     instances.append(CountdownExample(tuple(numbers), target, solution))
+    draws = 0
   return instances
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def _example_from_row(row: dict[str, Any], index: int, source: str | Path) -> CountdownExample:
