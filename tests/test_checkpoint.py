@@ -149,3 +149,207 @@ def test_hub_ids_go_through_the_huggingface_cache(monkeypatch):
   _assert_trees_equal(loaded, params)
   with pytest.raises(CheckpointError, match="not a local directory"):
     checkpoint.load_model("tiny-org/absent")
+
+
+# ---- sharded index (issue 13 #3): the index decides, shards must agree with it ----
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory):
+  """qwen_tied saved by transformers in 4 shards + index (same seed: ported()'s weights)."""
+  path = tmp_path_factory.mktemp("qwen_tied_sharded")
+  save_hf_model("qwen_tied", path, max_shard_size="20KB")
+  return path
+
+
+def _sharded_copy(sharded_dir, tmp_path):
+  shutil.copytree(sharded_dir, tmp_path, dirs_exist_ok=True)
+  index = json.loads((tmp_path / checkpoint.INDEX_FILE).read_text())
+  return index["weight_map"]
+
+
+def _edit_shard(path, edit):
+  tensors = load_file(str(path))
+  edit(tensors)
+  save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _write_index(tmp_path, weight_map):
+  (tmp_path / checkpoint.INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+
+
+EMBED = "model.embed_tokens.weight"
+
+
+def test_a_stale_copy_in_another_shard_is_refused_not_loaded(sharded_dir, tmp_path):
+  weight_map = _sharded_copy(sharded_dir, tmp_path)
+  owner, last = weight_map[EMBED], sorted(set(weight_map.values()))[-1]
+  assert owner != last  # read in file order, the stale copy would win
+  _edit_shard(tmp_path / last,
+              lambda t: t.update({EMBED: np.zeros((103, 28), np.float32)}))
+  with pytest.raises(CheckpointError) as error:
+    checkpoint.load_params(tmp_path, ported("qwen_tied")[2].config)
+  assert (f"{last} holds a copy of '{EMBED}', which the index maps to {owner}"
+          in str(error.value))
+  assert str(tmp_path / checkpoint.INDEX_FILE) in str(error.value)
+
+
+def _move_embed(tmp_path, weight_map):
+  owner = weight_map[EMBED]
+  other = next(name for name in sorted(set(weight_map.values())) if name != owner)
+  moved = load_file(str(tmp_path / owner))[EMBED]
+  _edit_shard(tmp_path / owner, lambda t: t.pop(EMBED))
+  _edit_shard(tmp_path / other, lambda t: t.update({EMBED: moved}))
+  return [f"'{EMBED}' is mapped to {owner}, which does not contain it",
+          f"{other} holds a copy of '{EMBED}', which the index maps to {owner}"]
+
+
+def _unlist_embed(tmp_path, weight_map):
+  owner = weight_map.pop(EMBED)
+  _write_index(tmp_path, weight_map)
+  return [f"{owner} holds '{EMBED}', which the index does not list"]
+
+
+def _map_embed_to_a_missing_file(tmp_path, weight_map):
+  _write_index(tmp_path, {**weight_map, EMBED: "model-00009-of-00009.safetensors"})
+  return [f"shard files that are missing from {tmp_path}: "
+          f"model-00009-of-00009.safetensors (1 keys, e.g. '{EMBED}')"]
+
+
+def _delete_a_shard(tmp_path, weight_map):
+  name = weight_map[EMBED]
+  (tmp_path / name).unlink()
+  count = sum(v == name for v in weight_map.values())
+  return [f"{name} ({count} keys, e.g. '{EMBED}')"]
+
+
+@pytest.mark.parametrize("corrupt", [_move_embed, _unlist_embed, _map_embed_to_a_missing_file,
+                                     _delete_a_shard])
+def test_index_entries_and_shards_that_disagree_are_named(sharded_dir, tmp_path, corrupt):
+  expected = corrupt(tmp_path, _sharded_copy(sharded_dir, tmp_path))
+  with pytest.raises(CheckpointError) as error:
+    checkpoint.load_model(tmp_path)
+  for text in expected:
+    assert text in str(error.value)
+  assert str(tmp_path / checkpoint.INDEX_FILE) in str(error.value)
+
+
+# ---- config vs headers (issue 13 #9): no mapping for layers the checkpoint lacks ----
+
+@pytest.mark.parametrize("layers", [3, 10**9])
+def test_more_layers_than_the_checkpoint_has_is_refused_from_the_headers(tmp_path, monkeypatch,
+                                                                          layers):
+  _corrupted_copy(tmp_path, lambda t: None)
+  hf = json.loads((tmp_path / "config.json").read_text())
+  (tmp_path / "config.json").write_text(json.dumps({**hf, "num_hidden_layers": layers}))
+  real_mapping = checkpoint.param_mapping
+
+  def guarded_mapping(config):  # 1e9 layers would take hours and tens of GB
+    assert config.num_layers <= 2, "mapping built before checking the headers"
+    return real_mapping(config)
+
+  monkeypatch.setattr(checkpoint, "param_mapping", guarded_mapping)
+  with pytest.raises(CheckpointError, match=(
+      rf"the config has num_layers={layers} \(config.json: num_hidden_layers\), but the "
+      r"checkpoint holds tensors of only 2 layers, indices \[0, 1\]")):
+    checkpoint.load_model(tmp_path)
+
+
+def test_error_messages_list_the_first_20_keys_of_each_kind(tmp_path):
+  extras = [f"model.extra_{i:02d}.weight" for i in range(25)]
+  removed = []
+
+  def edit(t):
+    for key in list(t):  # keep one key per layer: the layer count stays right
+      if key.startswith("model.layers.") and not key.endswith("input_layernorm.weight"):
+        removed.append(key)
+        del t[key]
+    t.update({key: np.zeros(2, np.float32) for key in extras})
+
+  config = _corrupted_copy(tmp_path, edit)
+  missing = [k for k in checkpoint.param_mapping(config) if k in removed]
+  assert len(missing) == 22
+  with pytest.raises(CheckpointError) as error:
+    checkpoint.load_params(tmp_path, config)
+  message = str(error.value)
+  assert f"missing keys (22): first 20: {missing[:20]} ... and 2 more" in message
+  assert f"unexpected keys (25): first 20: {extras[:20]} ... and 5 more" in message
+  assert missing[20] not in message and extras[20] not in message
+
+
+# ---- malformed files (issue 13 #10): CheckpointError naming the file and the field ----
+
+def _truncate(file):
+  data = file.read_bytes()
+  file.write_bytes(data[:len(data) - 100])
+
+
+def _garbage_header(file):
+  file.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}" + b"\x00" * 64)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garbage_header])
+def test_unreadable_safetensors_files_are_named(tmp_path, sharded_dir, damage):
+  single, sharded = tmp_path / "single", tmp_path / "sharded"
+  single.mkdir()
+  _corrupted_copy(single, lambda t: None)
+  weight_map = _sharded_copy(sharded_dir, sharded)
+  for file in (single / checkpoint.SINGLE_FILE, sharded / weight_map[EMBED]):
+    damage(file)
+    with pytest.raises(CheckpointError, match="truncated or corrupt: re-download") as error:
+      checkpoint.load_model(file.parent)
+    assert f"{file} cannot be read as safetensors (SafetensorError" in str(error.value)
+
+
+@pytest.mark.parametrize("index, expected", [
+    ({"metadata": {"total_size": 1}}, "has no 'weight_map' object"),
+    ({"weight_map": ["model.safetensors"]}, "has no 'weight_map' object"),
+    ([1, 2], "must hold a JSON object, got a list"),
+    ("{not json", "is not readable JSON (JSONDecodeError"),
+])
+def test_a_malformed_index_is_named(sharded_dir, tmp_path, index, expected):
+  _sharded_copy(sharded_dir, tmp_path)
+  file = tmp_path / checkpoint.INDEX_FILE
+  file.write_text(index if isinstance(index, str) else json.dumps(index))
+  with pytest.raises(CheckpointError, match="re-download or re-export") as error:
+    checkpoint.load_model(tmp_path)
+  assert f"{file} {expected}" in str(error.value)
+
+
+def _without(*keys):
+  return lambda hf: {k: v for k, v in hf.items() if k not in keys}
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (_without("hidden_size"), "field 'hidden_size' is missing"),
+    (lambda hf: {**hf, "num_attention_heads": 0},
+     "field 'num_attention_heads' must be an integer >= 1, got 0"),
+    (lambda hf: _without("head_dim")({**hf, "num_attention_heads": 0}),
+     "field 'num_attention_heads' must be an integer >= 1, got 0"),
+    (lambda hf: {**hf, "num_hidden_layers": 2.0}, "field 'num_hidden_layers' must be an integer"),
+    (lambda hf: {**hf, "eos_token_id": "2"}, "field 'eos_token_id' must be a token id"),
+    (lambda hf: {**hf, "eos_token_id": 2.5}, "field 'eos_token_id' must be a token id"),
+    (lambda hf: {**hf, "eos_token_id": [2, True]}, "field 'eos_token_id' must be a token id"),
+    (lambda hf: {**hf, "tie_word_embeddings": "false"},
+     "field 'tie_word_embeddings' must be true or false, got 'false'"),
+    (lambda hf: [hf], "must hold a JSON object, got a list"),
+])
+def test_a_malformed_config_json_is_named(tmp_path, edit, expected):
+  _corrupted_copy(tmp_path, lambda t: None)
+  file = tmp_path / "config.json"
+  file.write_text(json.dumps(edit(json.loads(file.read_text()))))
+  with pytest.raises(CheckpointError, match=r"(Fix config.json|re-download)") as error:
+    checkpoint.load_model(tmp_path)
+  assert str(file) in str(error.value) and expected in str(error.value)
+
+
+def test_a_non_integer_eos_id_in_generation_config_is_named(tmp_path):
+  _corrupted_copy(tmp_path, lambda t: None)
+  file = tmp_path / "generation_config.json"
+  file.write_text(json.dumps({"eos_token_id": [2, 2.5]}))
+  with pytest.raises(CheckpointError) as error:
+    checkpoint.load_config(tmp_path)
+  assert (f"{file}: field 'eos_token_id' must be a token id (an integer >= 0) or a list of "
+          "them, got [2, 2.5]") in str(error.value)
+  # With a valid file the ids of both files are merged, generation_config.json's first.
+  file.write_text(json.dumps({"eos_token_id": [5, 2]}))
+  assert checkpoint.load_config(tmp_path).eos_token_ids == (5, 2)

@@ -23,12 +23,13 @@ import json
 import math
 import os
 import pathlib
+import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from es_jax.models import sharding
@@ -40,10 +41,53 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some exporters write; never params.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+# Error messages list at most this many keys: a wrong config can miss millions.
+_MAX_LISTED = 20
 
 
 class CheckpointError(ValueError):
-  """A checkpoint does not match the config: lists every missing, unexpected and mis-shaped key."""
+  """A checkpoint is unreadable, inconsistent or does not match the config (names file and key)."""
+
+
+def _listing(items, *, sep: str | None = None) -> str:
+  """A list capped at ``_MAX_LISTED`` items (``first 20: [...] ... and N more``); ``repr`` form,
+  or the items joined by ``sep``."""
+  items = list(items)
+  shown = items[:_MAX_LISTED]
+  text = repr(shown) if sep is None else sep.join(map(str, shown))
+  if len(items) <= _MAX_LISTED:
+    return text
+  return f"first {_MAX_LISTED}: {text} ... and {len(items) - _MAX_LISTED} more"
+
+
+def _read_json_object(file: pathlib.Path) -> dict[str, Any]:
+  """A JSON file that must hold an object; any other content is a CheckpointError naming it."""
+  try:
+    value = json.loads(file.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{file} is not readable JSON ({type(e).__name__}: {e}); re-download "
+                          "or re-export the checkpoint.") from e
+  if not isinstance(value, dict):
+    raise CheckpointError(f"{file} must hold a JSON object, got a {type(value).__name__}; "
+                          "re-download or re-export the checkpoint.")
+  return value
+
+
+def _unreadable(file: pathlib.Path, error: Exception, key: str | None = None) -> CheckpointError:
+  what = f"tensor {key!r} of {file}" if key else str(file)
+  return CheckpointError(f"{what} cannot be read as safetensors ({type(error).__name__}: "
+                         f"{error}); the file is truncated or corrupt: re-download or re-export "
+                         "it.")
+
+
+def _header_shapes(file: pathlib.Path) -> dict[str, tuple[int, ...]]:
+  """Every key of one safetensors file and its shape, from the header alone."""
+  try:
+    with safe_open(file, framework="numpy") as f:
+      return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+  except (SafetensorError, OSError) as e:
+    raise _unreadable(file, e) from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,18 +187,74 @@ def resolve_checkpoint(name_or_path: str | os.PathLike, *,
   return pathlib.Path(local)
 
 
-def _shard_files(path: pathlib.Path) -> list[pathlib.Path]:
-  if (path / INDEX_FILE).exists():
-    weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-    files = sorted(set(weight_map.values()))
-    missing = [f for f in files if not (path / f).exists()]
-    if missing:
-      raise CheckpointError(f"{path / INDEX_FILE} names shard files that are missing: {missing}.")
-    return [path / f for f in files]
-  if (path / SINGLE_FILE).exists():
-    return [path / SINGLE_FILE]
-  raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}; only safetensors "
-                        "checkpoints are supported (convert .bin files with transformers first).")
+def _checkpoint_tensors(path: pathlib.Path) -> dict[str, tuple[pathlib.Path, tuple[int, ...]]]:
+  """key -> (file, shape) of a checkpoint directory, from the headers; each key from one file.
+
+  With an index, each key comes from the file its ``weight_map`` names, and
+  the index and the shards must agree exactly: a shard that lacks a key mapped
+  to it, or holds a key mapped elsewhere (a stale duplicate) or nowhere, is
+  refused rather than resolved by reading order.
+  """
+  index_file = path / INDEX_FILE
+  if not index_file.exists():
+    if (path / SINGLE_FILE).exists():
+      return {key: (path / SINGLE_FILE, shape)
+              for key, shape in _header_shapes(path / SINGLE_FILE).items()}
+    raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}; only safetensors "
+                          "checkpoints are supported (convert .bin files with transformers "
+                          "first).")
+  weight_map = _read_json_object(index_file).get("weight_map")
+  if (not isinstance(weight_map, dict) or not weight_map
+      or not all(isinstance(v, str) and v for v in weight_map.values())):
+    raise CheckpointError(
+        f"{index_file} has no 'weight_map' object mapping each tensor name to its shard file "
+        f"(got {weight_map!r:.200}); re-download or re-export the checkpoint.")
+  keys_of: dict[str, list[str]] = {}
+  for key, name in weight_map.items():
+    keys_of.setdefault(name, []).append(key)
+  absent = [f"{name} ({len(keys_of[name])} keys, e.g. {keys_of[name][0]!r})"
+            for name in keys_of if not (path / name).is_file()]
+  if absent:
+    raise CheckpointError(f"{index_file} maps tensors to shard files that are missing from "
+                          f"{path}: {_listing(absent, sep='; ')}. Download the missing shards "
+                          "or re-export the checkpoint.")
+  tensors, problems = {}, []
+  for name, keys in keys_of.items():
+    shapes = _header_shapes(path / name)
+    for key in keys:
+      if key in shapes:
+        tensors[key] = (path / name, shapes[key])
+      else:
+        problems.append(f"{key!r} is mapped to {name}, which does not contain it")
+    for key in shapes:
+      owner = weight_map.get(key)
+      if owner is None and not key.endswith(_IGNORED_SUFFIXES):
+        problems.append(f"{name} holds {key!r}, which the index does not list")
+      elif owner is not None and owner != name:
+        problems.append(f"{name} holds a copy of {key!r}, which the index maps to {owner}")
+  if problems:
+    raise CheckpointError(
+        f"{index_file} and its shards disagree ({len(problems)} problems): "
+        f"{_listing(problems, sep='; ')}. Re-download or re-export the checkpoint; the index "
+        "decides which file each tensor is read from.")
+  return tensors
+
+
+def _check_layer_count(path: pathlib.Path, keys, config: ModelConfig) -> None:
+  """Refuses a config with more layers than the checkpoint has tensors for, before the mapping.
+
+  The mapping has ~10 keys per layer, so a wrong ``num_hidden_layers`` of 1e9
+  would otherwise exhaust memory before any key is compared. Fewer layers
+  than the checkpoint's leave a small mapping: the key comparison names them.
+  """
+  layers = sorted({int(m.group(1)) for key in keys if (m := _LAYER_KEY.match(key))})
+  if config.num_layers <= len(layers):
+    return
+  raise CheckpointError(
+      f"checkpoint {path} does not match the config: the config has num_layers="
+      f"{config.num_layers} (config.json: num_hidden_layers), but the checkpoint holds tensors "
+      f"of only {len(layers)} layers, indices {_listing(layers)}. Check that config.json "
+      "belongs to these weights.")
 
 
 def _skippable(key: str, config: ModelConfig) -> bool:
@@ -166,32 +266,33 @@ def validate_checkpoint(path: str | os.PathLike, config: ModelConfig) -> dict[st
   """Checks every key and shape against ``config`` from the headers alone; returns key -> file.
 
   Raises:
-    CheckpointError: naming every missing, unexpected and mis-shaped key.
+    CheckpointError: naming every missing, unexpected and mis-shaped key (the
+      first 20 of each kind), an index that disagrees with its shards, or an
+      unreadable file.
   """
   path = pathlib.Path(path)
+  tensors = _checkpoint_tensors(path)
+  _check_layer_count(path, tensors, config)
   mapping = param_mapping(config)
   where: dict[str, pathlib.Path] = {}
   unexpected, misshaped = [], []
-  for file in _shard_files(path):
-    with safe_open(file, framework="numpy") as f:
-      for key in f.keys():
-        if key not in mapping:
-          if not _skippable(key, config):
-            unexpected.append(key)
-          continue
-        shape = tuple(f.get_slice(key).get_shape())
-        if shape != mapping[key].hf_shape:
-          misshaped.append(f"{key}: checkpoint {shape}, expected {mapping[key].hf_shape}")
-        where[key] = file
+  for key, (file, shape) in tensors.items():
+    if key not in mapping:
+      if not _skippable(key, config):
+        unexpected.append(key)
+      continue
+    if shape != mapping[key].hf_shape:
+      misshaped.append(f"{key}: checkpoint {shape}, expected {mapping[key].hf_shape}")
+    where[key] = file
   missing = [k for k in mapping if k not in where]
   if missing or unexpected or misshaped:
     lines = [f"checkpoint {path} does not match the {config.family} config:"]
     if missing:
-      lines.append(f"  missing keys ({len(missing)}): {missing}")
+      lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
     if unexpected:
-      lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected}")
+      lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
     if misshaped:
-      lines.append(f"  mis-shaped keys ({len(misshaped)}): {misshaped}")
+      lines.append(f"  mis-shaped keys ({len(misshaped)}): {_listing(misshaped)}")
     lines.append("Check that config.json belongs to these weights (tie_word_embeddings, "
                  "num_key_value_heads, head_dim, biases).")
     raise CheckpointError("\n".join(lines))
@@ -210,7 +311,8 @@ def load_params(path: str | os.PathLike, config: ModelConfig, *, dtype: Any = No
       (:mod:`es_jax.models.sharding`) instead of onto the default device.
 
   Raises:
-    CheckpointError: for missing, unexpected or mis-shaped keys (all named).
+    CheckpointError: for missing, unexpected or mis-shaped keys (named), an
+      index that disagrees with its shards, or an unreadable file.
 
   Example::
 
@@ -219,17 +321,25 @@ def load_params(path: str | os.PathLike, config: ModelConfig, *, dtype: Any = No
   """
   path = pathlib.Path(path)
   dtype = jnp.dtype(config.param_dtype if dtype is None else dtype)
+  where = validate_checkpoint(path, config)  # before the mapping: it checks the layer count
   mapping = param_mapping(config)
-  where = validate_checkpoint(path, config)
   size = None
   if mesh is not None:
     size = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(sharding.MODEL_AXIS, 1)
   params: dict[str, Any] = {}
-  for file in sorted(set(where.values())):
+  keys_of: dict[pathlib.Path, list[str]] = {}
+  for key, file in where.items():
+    keys_of.setdefault(file, []).append(key)
+  for file, keys in sorted(keys_of.items()):
     with safe_open(file, framework="numpy") as f:
-      for key in (k for k, v in where.items() if v == file):
+      for key in keys:
         m = mapping[key]
-        host = m.to_flax(f.get_tensor(key)).astype(dtype)
+        try:
+          tensor = f.get_tensor(key)
+        except (SafetensorError, OSError) as e:  # e.g. the file changed since validation
+          raise _unreadable(file, e, key) from e
+        host = m.to_flax(tensor).astype(dtype)
+        del tensor
         target = None
         if mesh is not None:
           spec = sharding.spec_for("/".join(m.path), m.shape, axis_size=size)
@@ -251,18 +361,34 @@ def load_config(path: str | os.PathLike, **changes) -> ModelConfig:
     config = load_config("ckpt/", dtype=jnp.float32)
   """
   path = pathlib.Path(path)
-  if not (path / "config.json").exists():
+  config_file, gen_file = path / "config.json", path / "generation_config.json"
+  if not config_file.exists():
     raise CheckpointError(f"no config.json in {path}; is this a Hugging Face checkpoint directory?")
-  hf = json.loads((path / "config.json").read_text())
-  gen_path = path / "generation_config.json"
-  if gen_path.exists() and "eos_token_ids" not in changes:
-    eos = json.loads(gen_path.read_text()).get("eos_token_id")
-    if eos is not None:  # instruct checkpoints list the end-of-turn ids only here
-      eos = [eos] if isinstance(eos, int) else list(eos)
+  hf = _read_json_object(config_file)
+  if gen_file.exists() and "eos_token_ids" not in changes:
+    raw = _read_json_object(gen_file).get("eos_token_id")
+    if raw is not None:  # instruct checkpoints list the end-of-turn ids only here
+      eos = _id_list(raw)
+      if eos is None:
+        raise CheckpointError(
+            f"{gen_file}: field 'eos_token_id' must be a token id (an integer >= 0) or a list "
+            f"of them, got {raw!r:.200}; fix the file, or delete it to use config.json's ids.")
       base = hf.get("eos_token_id")
-      base = [] if base is None else [base] if isinstance(base, int) else list(base)
-      hf["eos_token_id"] = list(dict.fromkeys(eos + base))
-  return ModelConfig.from_hf_config(hf, **changes)
+      base = [] if base is None else _id_list(base)
+      if base is not None:  # an invalid one is reported below, naming config.json
+        hf["eos_token_id"] = list(dict.fromkeys(eos + base))
+  try:
+    return ModelConfig.from_hf_config(hf, **changes)
+  except ValueError as e:
+    raise CheckpointError(f"{config_file}: {e} Fix config.json (it must be the transformers "
+                          "config of these weights) or re-download the checkpoint.") from e
+
+
+def _id_list(value: Any) -> list[int] | None:
+  """A token id or list of ids as a list; None when it is neither."""
+  ids = value if isinstance(value, list) else [value]
+  ok = all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+  return list(ids) if ok else None
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype: Any = jnp.bfloat16,

@@ -16,6 +16,8 @@ run in bfloat16. Use ``dtype=jnp.float32`` for exact comparisons.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Literal, Mapping
 
 import jax.numpy as jnp
@@ -102,7 +104,10 @@ class ModelConfig:
     # Normalise so that equal configs hash equally (jnp.bfloat16 vs "bfloat16").
     object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
     object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
-    object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
+    eos = tuple(self.eos_token_ids)
+    if not all(_is_int(i) and i >= 0 for i in eos):  # int() would round 2.5 to a wrong id
+      raise ValueError(f"eos_token_ids must be non-negative integers, got {eos!r}.")
+    object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in eos))
     if self.family not in _ARCHITECTURES:
       raise ValueError(f"family must be one of {sorted(_ARCHITECTURES)}, got {self.family!r}.")
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -148,7 +153,9 @@ class ModelConfig:
       **changes: overrides, typically ``dtype=`` and ``param_dtype=``.
 
     Raises:
-      ValueError: for a model type or feature this port does not implement.
+      ValueError: for a model type or feature this port does not implement, or a
+        field that is missing or of the wrong type or range (the message names
+        the ``config.json`` field).
 
     Example:
       >>> cfg = ModelConfig.from_hf_config({
@@ -158,7 +165,10 @@ class ModelConfig:
       >>> cfg.num_groups, cfg.qkv_bias
       (7, True)
     """
-    d = dict(hf_config.to_dict() if hasattr(hf_config, "to_dict") else hf_config)
+    d = hf_config.to_dict() if hasattr(hf_config, "to_dict") else hf_config
+    if not isinstance(d, Mapping):
+      raise ValueError(f"a config must be a JSON object (a dict of transformers fields), got a "
+                       f"{type(d).__name__}.")
     family = d.get("model_type")
     if family not in _ARCHITECTURES:
       raise ValueError(f"model_type {family!r} is not supported; this port implements "
@@ -168,32 +178,33 @@ class ModelConfig:
     if family == "qwen2" and d.get("use_sliding_window"):
       raise ValueError("use_sliding_window=True is not supported; Qwen2.5 checkpoints "
                        "leave it off.")
-    num_heads = d["num_attention_heads"]
-    head_dim = d.get("head_dim") or d["hidden_size"] // num_heads
+    hidden_size = _int_field(d, "hidden_size")
+    num_heads = _int_field(d, "num_attention_heads")
+    head_dim = _int_field(d, "head_dim", default=None)
+    if head_dim is None:
+      head_dim = hidden_size // num_heads
     rope_theta, rope_scaling = _rope_from_hf(d)
-    eos = d.get("eos_token_id")
-    eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
-    attention_bias = bool(d.get("attention_bias", False))
+    attention_bias = _bool_field(d, "attention_bias")
     fields = dict(
         family=family,
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
-        intermediate_size=d["intermediate_size"],
-        num_layers=d["num_hidden_layers"],
+        vocab_size=_int_field(d, "vocab_size"),
+        hidden_size=hidden_size,
+        intermediate_size=_int_field(d, "intermediate_size"),
+        num_layers=_int_field(d, "num_hidden_layers"),
         num_heads=num_heads,
-        num_kv_heads=d.get("num_key_value_heads") or num_heads,
+        num_kv_heads=_int_field(d, "num_key_value_heads", default=num_heads),
         head_dim=head_dim,
         rope_theta=rope_theta,
-        rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        rms_norm_eps=_positive_number(d, "rms_norm_eps", 1e-6),
+        tie_word_embeddings=_bool_field(d, "tie_word_embeddings"),
         qkv_bias=True if family == "qwen2" else attention_bias,
         o_bias=False if family == "qwen2" else attention_bias,
-        mlp_bias=False if family == "qwen2" else bool(d.get("mlp_bias", False)),
+        mlp_bias=False if family == "qwen2" else _bool_field(d, "mlp_bias"),
         rope_scaling=rope_scaling,
-        max_position_embeddings=d.get("max_position_embeddings", 32768),
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_ids=eos,
-        pad_token_id=d.get("pad_token_id"),
+        max_position_embeddings=_int_field(d, "max_position_embeddings", default=32768),
+        bos_token_id=_int_field(d, "bos_token_id", minimum=0, default=None),
+        eos_token_ids=_token_ids(d.get("eos_token_id"), "eos_token_id"),
+        pad_token_id=_int_field(d, "pad_token_id", minimum=0, default=None),
     )
     fields.update(changes)
     return cls(**fields)
@@ -246,22 +257,78 @@ class ModelConfig:
     return config
 
 
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+_REQUIRED = object()
+
+
+def _int_field(d: Mapping[str, Any], name: str, *, minimum: int = 1, default: Any = _REQUIRED):
+  """``d[name]`` as an int >= ``minimum``; ``default`` when absent or null (required if none)."""
+  value = d.get(name)
+  if value is None:
+    if default is _REQUIRED:
+      raise ValueError(f"field {name!r} is missing (an integer >= {minimum} is required).")
+    return default
+  if not _is_int(value) or value < minimum:
+    raise ValueError(f"field {name!r} must be an integer >= {minimum}, got {value!r}.")
+  return int(value)
+
+
+def _bool_field(d: Mapping[str, Any], name: str) -> bool:
+  """``d[name]`` as a bool, False when absent or null (``bool("false")`` would be True)."""
+  value = d.get(name)
+  if value is None:
+    return False
+  if not isinstance(value, bool):
+    raise ValueError(f"field {name!r} must be true or false, got {value!r}.")
+  return value
+
+
+def _positive_number(d: Mapping[str, Any], name: str, default: float) -> float:
+  value = d.get(name)
+  if value is None:
+    return default
+  if (not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value)
+      or value <= 0):
+    raise ValueError(f"field {name!r} must be a finite number > 0, got {value!r}.")
+  return float(value)
+
+
+def _token_ids(value: Any, name: str) -> tuple[int, ...]:
+  """A token id field (an int, a list of ints or null) as a tuple."""
+  ids = () if value is None else (value,) if not isinstance(value, (list, tuple)) else value
+  if not all(_is_int(i) and i >= 0 for i in ids):
+    raise ValueError(f"field {name!r} must be a token id (an integer >= 0), a list of them or "
+                     f"null, got {value!r}.")
+  return tuple(int(i) for i in ids)
+
+
 def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
   """(theta, scaling) from either the transformers 5 or the classic config layout."""
   params = d.get("rope_parameters") or {}
   scaling = d.get("rope_scaling") or {}
+  for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+    if not isinstance(value, Mapping):
+      raise ValueError(f"field {name!r} must be an object or null, got {value!r}.")
   theta = params.get("rope_theta", d.get("rope_theta", scaling.get("rope_theta", 10000.0)))
+  theta = _positive_number({"rope_theta": theta}, "rope_theta", 10000.0)
   merged = {**scaling, **params}
   rope_type = merged.get("rope_type", merged.get("type", "default"))
   if rope_type == "default":
-    return float(theta), None
+    return theta, None
   if rope_type != "llama3":
     raise ValueError(f"rope_type {rope_type!r} is not supported; only 'default' and 'llama3'.")
-  return float(theta), RopeScaling(
-      factor=float(merged["factor"]),
-      low_freq_factor=float(merged["low_freq_factor"]),
-      high_freq_factor=float(merged["high_freq_factor"]),
-      original_max_position_embeddings=int(merged["original_max_position_embeddings"]))
+  for name in ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"):
+    if merged.get(name) is None:
+      raise ValueError(f"field 'rope_scaling' lacks {name!r}, which rope_type 'llama3' needs.")
+  return theta, RopeScaling(
+      factor=_positive_number(merged, "factor", 1.0),
+      low_freq_factor=_positive_number(merged, "low_freq_factor", 1.0),
+      high_freq_factor=_positive_number(merged, "high_freq_factor", 1.0),
+      original_max_position_embeddings=_int_field(merged, "original_max_position_embeddings"))
 
 
 def _qwen25(hidden, intermediate, layers, heads, kv_heads, vocab, tied) -> ModelConfig:
