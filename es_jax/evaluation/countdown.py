@@ -19,6 +19,8 @@ quadratically on inputs like ``"<answer>" * 10**5``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -286,18 +288,18 @@ def generate_instances(num_instances: int, seed: int = 0, *,
   Raises:
     ValueError: for invalid arguments, for a target range that no expression
       can reach (every value over ``n`` numbers is at most
-      ``2**(n-1) * high**n`` in magnitude), or when ``max_draws`` draws in a
-      row give no target in ``[min_target, max_target]`` (naming the
-      constraints).
+      ``2**(n-1) * high**n`` in magnitude; small number ranges are searched
+      exhaustively), or when ``max_draws`` draws in a row give no target in
+      ``[min_target, max_target]`` (naming the constraints).
 
   Example:
     >>> [ex.numbers for ex in generate_instances(2, seed=1)] == [
     ...     ex.numbers for ex in generate_instances(2, seed=1)]
     True
-    >>> generate_instances(1, low=1, high=1, min_target=7, max_target=7, max_draws=100)
+    >>> generate_instances(1, low=1, high=1, min_target=7, max_target=7)
     ... # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    ValueError: no target in [min_target=7, max_target=7] was reached in 100 draws of ...
+    ValueError: no instance exists: no expression over (3, 4) numbers from [low=1, high=1] ...
   """
   for name, value in (("num_instances", num_instances), ("low", low), ("high", high),
                       ("min_target", min_target), ("max_target", max_target),
@@ -327,6 +329,12 @@ def generate_instances(num_instances: int, seed: int = 0, *,
         f"high={high}] have values of magnitude at most {bound}, outside [min_target="
         f"{min_target}, max_target={max_target}]; change the target range, high or "
         "number_counts.")
+  if not _some_target_reachable(counts, low, high, min_target, max_target):
+    raise ValueError(
+        f"no instance exists: no expression over {tuple(counts)} numbers from [low={low}, "
+        f"high={high}] equals an integer in [min_target={min_target}, max_target="
+        f"{max_target}] (checked exhaustively); change the target range, the number range or "
+        "number_counts.")
   rng = random.Random(seed)
   instances = []
   draws = 0
@@ -353,6 +361,41 @@ def generate_instances(num_instances: int, seed: int = 0, *,
 
 def _is_int(value: Any) -> bool:
   return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _all_values(numbers: Sequence[int]) -> set[Fraction]:
+  """Every value of an expression using each number once (subset dynamic programming)."""
+  values = {1 << i: {Fraction(n)} for i, n in enumerate(numbers)}
+  for mask in range(1, 1 << len(numbers)):  # submasks are smaller, so already filled
+    if mask in values:
+      continue
+    out: set[Fraction] = set()
+    part = (mask - 1) & mask
+    while part:
+      for a in values[part]:
+        for b in values[mask ^ part]:
+          out.update((a + b, a - b, a * b))
+          if b:
+            out.add(a / b)
+      part = (part - 1) & mask
+    values[mask] = out
+  return values[(1 << len(numbers)) - 1]
+
+
+def _some_target_reachable(counts: Sequence[int], low: int, high: int, min_target: int,
+                           max_target: int, *, max_multisets: int = 100) -> bool:
+  """False only when exhaustive search over every multiset proves no target reachable.
+
+  Used when there are few multisets (e.g. ``low == high``), where the random
+  draws could otherwise run for a long time before giving up; else True.
+  """
+  sizes = sorted(set(counts))
+  if sizes[-1] > 4 or sum(math.comb(high - low + n, n) for n in sizes) > max_multisets:
+    return True
+  return any(v.denominator == 1 and min_target <= v <= max_target
+             for n in sizes
+             for numbers in itertools.combinations_with_replacement(range(low, high + 1), n)
+             for v in _all_values(numbers))
 
 
 def _example_from_row(row: dict[str, Any], index: int, source: str | Path) -> CountdownExample:
