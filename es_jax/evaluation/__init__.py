@@ -6,6 +6,12 @@ takes the model as a callable (see :mod:`es_jax.evaluation.runner`).
 
 from __future__ import annotations
 
+from es_jax.evaluation.arithmetic import (
+    ArithmeticExample,
+    ArithmeticTask,
+    arithmetic_reward,
+    generate_problems,
+)
 from es_jax.evaluation.base import GenerativeTask, LoglikTask, Scored, chat_prompt
 from es_jax.evaluation.countdown import (
     CountdownExample,
@@ -69,6 +75,8 @@ from es_jax.evaluation.safe_arith import (
 )
 
 __all__ = [
+    "ArithmeticExample",
+    "ArithmeticTask",
     "ArithLimits",
     "ChoiceLoglik",
     "CountdownExample",
@@ -95,6 +103,7 @@ __all__ = [
     "TASKS",
     "TensorDrift",
     "UnsafeExpressionError",
+    "arithmetic_reward",
     "assign_group",
     "chat_prompt",
     "countdown_prompt",
@@ -109,6 +118,7 @@ __all__ = [
     "extract_answer",
     "flatten_with_paths",
     "generate_instances",
+    "generate_problems",
     "get_task",
     "global_drift_norm",
     "gold_answer",

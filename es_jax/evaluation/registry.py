@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from es_jax.evaluation.arithmetic import ArithmeticTask
 from es_jax.evaluation.countdown import CountdownTask
 from es_jax.evaluation.gsm8k import GSM8KTask
 from es_jax.evaluation.hellaswag import HellaSwagTask
 
 TASKS: dict[str, type] = {
+    "arithmetic": ArithmeticTask,
     "countdown": CountdownTask,
     "gsm8k": GSM8KTask,
     "hellaswag": HellaSwagTask,
@@ -19,7 +21,7 @@ def get_task(name: str, **kwargs: Any) -> Any:
   """Makes a task by name, passing ``kwargs`` to its constructor.
 
   Args:
-    name: one of ``"countdown"``, ``"gsm8k"``, ``"hellaswag"`` (case-insensitive).
+    name: one of ``"arithmetic"``, ``"countdown"``, ``"gsm8k"``, ``"hellaswag"`` (case-insensitive).
     **kwargs: task options, e.g. ``protocol="generative"`` for HellaSwag or
       ``mode="strict"`` for GSM8K.
 
