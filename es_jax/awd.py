@@ -96,8 +96,8 @@ def anchored_weight_decay(
     if kind == "l2" and not _checks.is_traced(strength) and learning_rate * strength >= 1:
       raise ValueError(
           f"L2 anchored weight decay needs learning_rate * strength < 1, got "
-          f"{learning_rate} * {strength} = {learning_rate * strength}: the decay would overshoot "
-          "theta_0. Lower strength (the paper uses 10 with lr 5e-4).")
+          f"{learning_rate:g} * {strength:g} = {learning_rate * strength:.6g}: the decay would "
+          "overshoot theta_0. Lower strength (the paper uses 10 with lr 5e-4).")
 
   def init_fn(params):
     _check_float_leaves(params, "params")
