@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from es_jax import _checks
+from es_jax import noise
 
 PyTree = Any
 
@@ -48,12 +50,25 @@ def anchored_weight_decay(
       per step). L2 only: soft-thresholding needs the step size.
 
   theta_0 is ``anchor`` if given, else the params seen by ``init``; it is kept
-  in the state (so it is checkpointed with the optimizer).
+  in the state (so it is checkpointed with the optimizer). ``init`` refuses,
+  naming the leaf, an anchor whose structure or leaf shapes differ from the
+  params, and params leaves that are not floating-point arrays.
+
+  Hyperparameters may be Python, NumPy or JAX numbers. Concrete ones are
+  checked here (``strength >= 0``, ``learning_rate > 0``, both finite, and
+  ``learning_rate * strength < 1`` for L2). Values only known at update time,
+  a schedule's ``learning_rate(count)`` or traced values (e.g. under
+  ``optax.inject_hyperparams``), cannot be refused, so they are made safe
+  there: the L2 factor ``1 - alpha * strength`` is clipped into ``[0, 1]`` (a
+  schedule reaching ``alpha * strength >= 1`` puts theta on theta_0 instead of
+  flipping the deviation's sign; a negative product does not decay), the L1
+  threshold ``alpha * strength`` is clipped at 0 from below, and a negative
+  ``strength`` acts as 0. A NaN still propagates, so it is seen, not hidden.
 
   Args:
     strength: lambda >= 0.
     kind: ``"l2"`` or ``"l1"``.
-    learning_rate: alpha (float or optax schedule) for the exact placement.
+    learning_rate: alpha (a number or an optax schedule) for the exact placement.
     anchor: theta_0; defaults to the params passed to ``init``.
 
   Returns:
@@ -68,26 +83,27 @@ def anchored_weight_decay(
     >>> optax.apply_updates(params, updates)["w"]  # 1 + (1 - 0.1) * (0.9 - 1)
     Array([0.91, 0.91, 0.91], dtype=float32)
   """
-  if not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength >= 0):
-    raise ValueError(f"strength must be a finite number >= 0, got {strength!r}.")
+  if not _checks.is_traced(strength):
+    strength = _checks.finite_real("strength", strength, positive=False)
   if kind not in ("l2", "l1"):
     raise ValueError(f"kind must be 'l2' or 'l1', got {kind!r}.")
   if learning_rate is None and kind == "l1":
     raise ValueError("L1 anchored weight decay soft-thresholds by learning_rate * strength, so it "
                      "needs the step size: pass learning_rate= and chain it after the optimizer.")
-  if isinstance(learning_rate, (int, float)):
-    if not (math.isfinite(learning_rate) and learning_rate > 0):
-      raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate!r}.")
-    if kind == "l2" and learning_rate * strength >= 1:
+  if learning_rate is not None and not callable(learning_rate) and not _checks.is_traced(
+      learning_rate):
+    learning_rate = _checks.finite_real("learning_rate", learning_rate, positive=True)
+    if kind == "l2" and not _checks.is_traced(strength) and learning_rate * strength >= 1:
       raise ValueError(
           f"L2 anchored weight decay needs learning_rate * strength < 1, got "
-          f"{learning_rate} * {strength} = {learning_rate * strength}: the decay would overshoot "
-          "theta_0. Lower strength (the paper uses 10 with lr 5e-4).")
+          f"{learning_rate:g} * {strength:g} = {learning_rate * strength:.6g}: the decay would "
+          "overshoot theta_0. Lower strength (the paper uses 10 with lr 5e-4).")
 
   def init_fn(params):
+    _check_float_leaves(params, "params")
+    if anchor is not None:
+      _check_anchor(anchor, params)
     source = params if anchor is None else anchor
-    if jax.tree.structure(source) != jax.tree.structure(params):
-      raise ValueError("anchor must have the same tree structure as params.")
     return AnchoredWeightDecayState(count=jnp.zeros([], jnp.int32),
                                     anchor=jax.tree.map(jnp.array, source))
 
@@ -96,21 +112,59 @@ def anchored_weight_decay(
       raise ValueError("anchored_weight_decay needs params: call tx.update(updates, state, params).")
     delta = jax.tree.map(lambda p, a: p.astype(jnp.float32) - a.astype(jnp.float32),
                          params, state.anchor)
+    # No-ops for the concrete values checked above; they guard the values known
+    # only now (schedules, traced hyperparameters): see the docstring.
+    lam = jnp.maximum(strength, 0.0)
     if learning_rate is None:
-      new_updates = jax.tree.map(lambda u, d: (u + strength * d).astype(u.dtype), updates, delta)
+      new_updates = jax.tree.map(lambda u, d: (u + lam * d).astype(u.dtype), updates, delta)
     else:
       alpha = learning_rate(state.count) if callable(learning_rate) else learning_rate
-      shrink = alpha * strength
+      shrink = jnp.asarray(alpha * lam, jnp.float32)
+      factor = jnp.clip(1.0 - shrink, 0.0, 1.0)
+      threshold = jnp.maximum(shrink, 0.0)
 
       def decayed_step(u, d):
         post = d + u.astype(jnp.float32)
         if kind == "l2":
-          new = (1.0 - shrink) * post
+          new = factor * post
         else:
-          new = jnp.sign(post) * jnp.maximum(jnp.abs(post) - shrink, 0.0)
+          new = jnp.sign(post) * jnp.maximum(jnp.abs(post) - threshold, 0.0)
         return (new - d).astype(u.dtype)
 
       new_updates = jax.tree.map(decayed_step, updates, delta)
     return new_updates, state._replace(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_float_leaves(tree: PyTree, what: str) -> None:
+  """Raises, naming the leaf, unless every leaf is a floating-point array (or shape struct)."""
+  # None is an empty subtree here, as in optax: nothing to decay (an anchor's None
+  # where params have an array is caught as a missing leaf).
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    where = f"{what} leaf '{noise.path_str(path)}'"
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+      raise TypeError(f"{where} is a {type(x).__name__}, not an array; wrap it with jnp.asarray.")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{where} has dtype {x.dtype}; anchored weight decay needs floating-point "
+                      "leaves (its decayed step would be rounded to the integer dtype).")
+
+
+def _check_anchor(anchor: PyTree, params: PyTree) -> None:
+  """Raises, naming the leaf, unless ``anchor`` has the structure and leaf shapes of ``params``."""
+  _check_float_leaves(anchor, "anchor")
+  flat_anchor = {noise.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(anchor)[0]}
+  flat_params = {noise.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  for name in flat_params:
+    if name not in flat_anchor:
+      raise ValueError(f"anchor has no leaf '{name}' of params; pass an anchor shaped like params.")
+  for name in flat_anchor:
+    if name not in flat_params:
+      raise ValueError(f"anchor leaf '{name}' is not in params; pass an anchor shaped like params.")
+  for name, x in flat_params.items():
+    if tuple(flat_anchor[name].shape) != tuple(x.shape):
+      raise ValueError(f"anchor leaf '{name}' has shape {tuple(flat_anchor[name].shape)} but the "
+                       f"params leaf has shape {tuple(x.shape)}.")
+  if jax.tree.structure(anchor) != jax.tree.structure(params):
+    raise ValueError(f"anchor's tree structure {jax.tree.structure(anchor)} differs from params' "
+                     f"{jax.tree.structure(params)} (same leaf paths, different containers).")

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from es_jax import _checks
 from es_jax import noise as noise_lib
 from es_jax import shaping
 from es_jax import sharding
@@ -108,7 +109,7 @@ def es_step(
   Args:
     reward_fn: higher-is-better scalar reward, or ``None`` (pass ``fitness=``).
     population: number of members N (even when ``antithetic``).
-    sigma: noise scale (> 0).
+    sigma: noise scale: finite, > 0 and a normal float32 (>= 1.2e-38).
     key: base PRNG key.
     rank: EGGROLL rank, or ``None`` for full-rank noise.
     antithetic: evaluate (+eps, -eps) pairs.
@@ -117,7 +118,12 @@ def es_step(
     estimator: ``"gradient"`` or ``"qiu"`` (see above).
     reward_input: ``"params"`` or ``"noise"`` (see above).
     on_failure: ``"exclude"`` failed members, or give them the ``"worst"``
-      finite reward. Either way the update stays finite.
+      finite reward. Either way failed members cannot make the update
+      non-finite. The bounded shapings (all but ``shaping.identity``) keep it
+      finite for any finite rewards; ``identity`` passes the rewards' scale on,
+      so its update is finite while ``|R| / (N sigma)`` times the noise fits
+      in float32 (no intermediate step overflows first), and inf/NaN (never a
+      silent zero) beyond that.
     vector_noise: ``"full"`` or ``"frozen"`` for leaves with ndim < 2.
     freeze: regex or regexes of leaf paths to leave unperturbed.
     chunk_size: members evaluated (and noise draws reduced) per chunk; must
@@ -148,13 +154,19 @@ def es_step(
     freeze = (freeze,)
   spec = NoiseSpec(population=population, sigma=sigma, rank=rank, antithetic=antithetic,
                    vector_noise=vector_noise, freeze=tuple(freeze))
+  population = spec.population  # a Python int even when given as a NumPy / JAX integer
+  if not callable(fitness_shaping):
+    raise TypeError(f"fitness_shaping must be a function of the (N,) rewards, got "
+                    f"{type(fitness_shaping).__name__}.")
   if estimator not in ("gradient", "qiu"):
     raise ValueError(f"estimator must be 'gradient' or 'qiu', got {estimator!r}.")
   if reward_input not in ("params", "noise"):
     raise ValueError(f"reward_input must be 'params' or 'noise', got {reward_input!r}.")
   if on_failure not in ("exclude", "worst"):
     raise ValueError(f"on_failure must be 'exclude' or 'worst', got {on_failure!r}.")
-  if chunk_size is not None and (chunk_size < 1 or population % chunk_size):
+  if chunk_size is not None:
+    chunk_size = _checks.integer("chunk_size", chunk_size, minimum=1)
+  if chunk_size is not None and population % chunk_size:
     raise ValueError(f"chunk_size={chunk_size} must be >= 1 and divide population={population}.")
   if antithetic and chunk_size is not None and chunk_size % 2:
     raise ValueError(f"chunk_size={chunk_size} must be even so antithetic pairs stay together.")
@@ -176,10 +188,8 @@ def es_step(
                     on_failure=on_failure, chunk_size=chunk_size, population_axis=population_axis)
 
   def init_fn(params):
-    # Validates every leaf against the noise spec (e.g. rank too large) early.
-    jax.tree_util.tree_map_with_path(
-        lambda path, x: noise_lib.leaf_kind(spec, noise_lib.path_str(path), tuple(x.shape)),
-        params)
+    # Validates every leaf against the noise spec (dtype, rank too large) early.
+    noise_lib.check_params(spec, params)
     return EsState(count=jnp.zeros([], jnp.int32), rng_key=key,
                    rewards=jnp.zeros([population], jnp.float32),
                    num_failed=jnp.zeros([], jnp.int32), config=config)
@@ -188,6 +198,7 @@ def es_step(
     del updates, extra_args  # ES needs no gradient; other extra args belong to other transforms.
     if params is None:
       raise ValueError("es_step needs params: call tx.update(None, state, params, ...).")
+    noise_lib.check_params(spec, params)
     if fitness is None:
       if reward_fn is None:
         raise ValueError("No reward: es_step was built with reward_fn=None, so pass the "
@@ -247,15 +258,25 @@ def _descent_direction(config: EsConfig, state: EsState, params, rewards):
   if config.on_failure == "worst":
     rewards = shaping.replace_failed_with_worst(rewards)
   valid = jnp.isfinite(rewards)
-  shaped = config.fitness_shaping(rewards)
-  weights = jnp.where(valid & jnp.isfinite(shaped), shaped, 0.0)
+  shaped = jnp.asarray(config.fitness_shaping(rewards))
+  if shaped.shape != (spec.population,):
+    # Broadcasting a wrong shape would silently give every member a wrong weight.
+    name = getattr(config.fitness_shaping, "__name__", repr(config.fitness_shaping))
+    raise ValueError(f"fitness_shaping {name} returned shape {shaped.shape}, but it must return "
+                     f"one weight per member, shape (population,)=({spec.population},).")
+  weights = jnp.where(valid & jnp.isfinite(shaped), shaped, 0.0).astype(jnp.float32)
   num_valid = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
   scale = 1.0 / num_valid
   if config.estimator == "gradient":
     scale = scale / spec.sigma
   # Member i contributes f_i * sign_i to the draw of its pair.
   _, signs = noise_lib.pair_of(spec, jnp.arange(spec.population))
-  pair_weights = (weights * signs).reshape(spec.num_pairs, -1).sum(axis=1) * -scale
+  # Combine at unit scale, then apply the weights' magnitude last: raw (identity)
+  # rewards near the float32 maximum overflow only if a pair's weight itself does.
+  # ldexp scales by powers of two exactly and never forms 1 / max|f| (subnormal, flushed to 0).
+  _, exponent = jnp.frexp(jnp.max(jnp.abs(weights)))
+  unit_pairs = (jnp.ldexp(weights, -exponent) * signs).reshape(spec.num_pairs, -1).sum(axis=1)
+  pair_weights = jnp.ldexp(unit_pairs * -scale, exponent)
   # As many noise draws per chunk as members are evaluated per chunk: the same memory bound.
   return noise_lib.weighted_sum(spec, state.rng_key, state.count, params, pair_weights,
                                 chunk_size=config.chunk_size, population_axis=config.population_axis)
@@ -269,6 +290,7 @@ def member_noise(state: EsState, params: PyTree, member) -> PyTree:
   model built from :class:`es_jax.Dense` as ``{'perturbation': noise}``.
   """
   state = _es_state(state)
+  noise_lib.check_params(state.config.noise, params)
   return noise_lib.member_noise(state.config.noise, state.rng_key, state.count, params, member)
 
 

@@ -29,11 +29,14 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from es_jax import _checks
 from es_jax import sharding
 
 PyTree = Any
 LeafKind = Literal["lowrank", "full", "frozen"]
+_F32 = np.finfo(np.float32)
 
 
 class LowRank(NamedTuple):
@@ -73,16 +76,30 @@ class NoiseSpec:
   freeze: tuple[str, ...] = ()
 
   def __post_init__(self):
-    if not isinstance(self.population, int) or self.population < 2:
-      raise ValueError(f"population must be an int >= 2, got {self.population!r}.")
+    # NumPy / JAX scalars are welcome but stored as Python numbers: the spec is
+    # hashed into jit caches, and a 0-d jax.Array is not hashable.
+    set_ = lambda name, value: object.__setattr__(self, name, value)
+    set_("population", _checks.integer("population", self.population, minimum=2))
+    if not isinstance(self.antithetic, (bool, np.bool_)):
+      raise TypeError(f"antithetic must be a bool, got {self.antithetic!r}.")
+    set_("antithetic", bool(self.antithetic))
     if self.antithetic and self.population % 2:
       raise ValueError(
           f"population={self.population} is odd but antithetic sampling pairs members; "
           "use an even population or antithetic=False.")
-    if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma > 0):
-      raise ValueError(f"sigma must be a finite number > 0, got {self.sigma!r}.")
-    if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
-      raise ValueError(f"rank must be an int >= 1 (or None for full-rank noise), got {self.rank!r}.")
+    sigma = _checks.real("sigma", self.sigma)
+    if not (math.isfinite(sigma) and sigma > 0):
+      raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}.")
+    if not float(_F32.tiny) <= sigma <= float(_F32.max):
+      # Below float32's smallest normal number sigma flushes to 0 on accelerators
+      # (every member equals theta) and 1/(N sigma) overflows to inf.
+      raise ValueError(
+          f"sigma={sigma!r} is outside float32's normal range [{_F32.tiny:.3g}, {_F32.max:.3g}], "
+          "so sigma * eps and 1/(N sigma) cannot be represented; use a sigma on the scale of "
+          "the weights' changes (1e-4 to 1e-1 is typical).")
+    set_("sigma", sigma)
+    if self.rank is not None:
+      set_("rank", _checks.integer("rank (or None for full-rank noise)", self.rank, minimum=1))
     if self.vector_noise not in ("full", "frozen"):
       raise ValueError(f"vector_noise must be 'full' or 'frozen', got {self.vector_noise!r}.")
     for pattern in self.freeze:
@@ -121,6 +138,42 @@ def leaf_kind(spec: NoiseSpec, path: str, shape: tuple[int, ...]) -> LeafKind:
         f"rank={spec.rank} exceeds min(m, n)={min(m, n)} of leaf '{path}' with shape {shape} "
         f"(matricised as {m} x {n}); lower the rank or freeze this leaf.")
   return "lowrank"
+
+
+def check_params(spec: NoiseSpec, params: PyTree) -> None:
+  """Raises, naming the leaf, unless ES can perturb every leaf of ``params``.
+
+  A leaf must be an array (or ``jax.ShapeDtypeStruct``) of a floating dtype:
+  noise added to an integer or bool leaf would be rounded away, so such a
+  leaf is accepted only when frozen (``freeze`` or ``vector_noise="frozen"``).
+  ``None`` and Python-number leaves are refused too. Also checks the rank
+  against every matrix leaf (:func:`leaf_kind`).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> spec = NoiseSpec(population=2, sigma=0.1)
+    >>> check_params(spec, {"w": jnp.zeros((3, 2)), "step": jnp.zeros((), jnp.int32)})
+    Traceback (most recent call last):
+    ...
+    TypeError: params leaf 'step' has dtype int32: noise added to it would be rounded away. Make it a float array, or freeze it with freeze=('^step$',) or move it out of params.
+    >>> check_params(NoiseSpec(population=2, sigma=0.1, freeze=("step",)),
+    ...              {"w": jnp.zeros((3, 2)), "step": jnp.zeros((), jnp.int32)})
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0]
+  for path, x in leaves:
+    name = path_str(path)
+    where = f"params leaf '{name}'" if name else "params"
+    if x is None:
+      raise ValueError(f"{where} is None; ES needs an array at every leaf: remove the entry "
+                       "or give it an array.")
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+      raise TypeError(f"{where} is a {type(x).__name__}, not an array; wrap it with "
+                      "jnp.asarray(...) (as a float array).")
+    kind = leaf_kind(spec, name, tuple(x.shape))
+    if kind != "frozen" and not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{where} has dtype {x.dtype}: noise added to it would be rounded away. "
+                      f"Make it a float array, or freeze it with freeze=('^{re.escape(name)}$',) "
+                      "or move it out of params.")
 
 
 def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -204,8 +257,9 @@ def materialize(noise, shape, dtype=jnp.float32) -> jax.Array:
 
 def perturb(params: PyTree, noise: PyTree) -> PyTree:
   """``params + noise`` with every member's noise materialised (the generic path)."""
+  # A frozen leaf stays bit-exact (an integer leaf must not round-trip through float32).
   return jax.tree.map(
-      lambda n, p: (p + materialize(n, p.shape, jnp.float32)).astype(p.dtype),
+      lambda n, p: p if n is None else (p + materialize(n, p.shape, jnp.float32)).astype(p.dtype),
       noise, params, is_leaf=_is_noise_leaf)
 
 

@@ -5,6 +5,10 @@ failed member: it is excluded from the statistics and its shaped value is 0,
 so it pulls the update nowhere. (``es_step(on_failure="worst")`` instead
 replaces failed rewards by the worst finite one before shaping.)
 
+Statistics are computed scale-safely: rewards are divided by their largest
+magnitude before any moment is taken, so rewards of 1e20 (whose float32
+square overflows) or 1e-30 (whose square underflows) shape like any others.
+
 Example:
   >>> import jax.numpy as jnp
   >>> z_score(jnp.array([1.0, 2.0, 3.0, jnp.nan])).round(3)
@@ -16,23 +20,61 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from es_jax import _checks
+
 EPS = 1e-8
 
 
 def _valid(rewards: jax.Array) -> tuple[jax.Array, jax.Array]:
+  rewards = jnp.asarray(rewards)
+  if rewards.ndim != 1:
+    raise ValueError(f"rewards must have shape (N,), got shape {rewards.shape}.")
+  # Cast first, so that a reward beyond float32's range counts as failed, as in es_step.
+  rewards = rewards.astype(jnp.float32)
   valid = jnp.isfinite(rewards)
-  return valid, jnp.where(valid, rewards, 0.0).astype(jnp.float32)
+  return valid, jnp.where(valid, rewards, 0.0)
 
 
-def _masked_mean_std(x, valid):
+def _unit_scaled(r: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(r * 2**-e, e)`` with ``2**e`` just above the largest valid ``|r|``, so ``|r * 2**-e| < 1``.
+
+  A power of two scales exactly, and ``ldexp`` never forms ``1 / max|r|``,
+  which for rewards near float32's maximum is subnormal and flushed to 0.
+  """
+  _, e = jnp.frexp(jnp.max(jnp.where(valid, jnp.abs(r), 0.0)))  # e = 0 when every r is 0
+  return jnp.ldexp(r, -e), e
+
+
+def _masked_centered_std(x, valid):
+  """Deviations ``x - mean`` and population std over ``valid`` (``|x| <= 1`` expected).
+
+  Moments are taken about a valid element, so equal values give deviations of
+  exactly 0 rather than rounding noise that the std would then blow up.
+  """
   count = jnp.maximum(valid.sum(), 1)
-  mean = jnp.where(valid, x, 0.0).sum() / count
-  var = jnp.where(valid, (x - mean) ** 2, 0.0).sum() / count
-  return mean, jnp.sqrt(var)
+  shifted = jnp.where(valid, x - x[jnp.argmax(valid)], 0.0)
+  centered = shifted - shifted.sum() / count
+  var = jnp.where(valid, centered ** 2, 0.0).sum() / count
+  return centered, jnp.sqrt(var)
+
+
+def _standardize(x, valid, e):
+  """``(r - mean) / (std + EPS)`` in reward units, from ``x = r * 2**-e``: EPS scales alike."""
+  centered, std = _masked_centered_std(x, valid)
+  denominator = std + jnp.ldexp(jnp.float32(EPS), -e)
+  # denominator is 0 only if all valid rewards are equal and huge (EPS / s underflows).
+  return jnp.where(valid & (denominator > 0), centered / jnp.where(denominator > 0, denominator, 1.0),
+                   0.0)
 
 
 def identity(rewards: jax.Array) -> jax.Array:
-  """Raw rewards (failed members -> 0), for the textbook ``1/(N sigma) sum R eps`` estimator."""
+  """Raw rewards (failed members -> 0), for the textbook ``1/(N sigma) sum R eps`` estimator.
+
+  Unlike the other shapings, its weights keep the rewards' scale, and so does
+  the update: it is finite while ``|R| / (N sigma)`` times the noise fits in
+  float32, and inf/NaN beyond (e.g. for rewards near float32's maximum).
+  Prefer a bounded shaping when rewards can be that large.
+  """
   valid, r = _valid(rewards)
   return jnp.where(valid, r, 0.0)
 
@@ -40,8 +82,8 @@ def identity(rewards: jax.Array) -> jax.Array:
 def z_score(rewards: jax.Array) -> jax.Array:
   """``(R - mean) / (std + 1e-8)`` with the population std (Qiu et al.)."""
   valid, r = _valid(rewards)
-  mean, std = _masked_mean_std(r, valid)
-  return jnp.where(valid, (r - mean) / (std + EPS), 0.0)
+  x, e = _unit_scaled(r, valid)
+  return _standardize(x, valid, e)
 
 
 def centered_rank(rewards: jax.Array) -> jax.Array:
@@ -60,32 +102,44 @@ def group_z_score(rewards: jax.Array, group_size: int) -> jax.Array:
   """GRPO-style advantages: each group's own mean and own std.
 
   The EGGROLL reference divides every group by the global std; per-group std is
-  what the GRPO advantage defines. ``N`` must be a multiple of ``group_size``.
+  what the GRPO advantage defines. ``N`` must be a multiple of ``group_size``
+  (a positive integer of any integer type).
   """
-  if rewards.shape[0] % group_size:
-    raise ValueError(f"population {rewards.shape[0]} is not a multiple of group_size={group_size}.")
+  group_size = _checks.integer("group_size", group_size, minimum=1)
   valid, r = _valid(rewards)
-  valid_g = valid.reshape(-1, group_size)
-  r_g = r.reshape(-1, group_size)
-  mean, std = jax.vmap(_masked_mean_std)(r_g, valid_g)
-  shaped = (r_g - mean[:, None]) / (std[:, None] + EPS)
-  return jnp.where(valid_g, shaped, 0.0).reshape(-1)
+  if r.shape[0] % group_size:
+    raise ValueError(f"population {r.shape[0]} is not a multiple of group_size={group_size}.")
+  x, e = _unit_scaled(r, valid)  # one scale for all groups: standardising is scale-free
+  shaped = jax.vmap(lambda x_g, valid_g: _standardize(x_g, valid_g, e))(
+      x.reshape(-1, group_size), valid.reshape(-1, group_size))
+  return shaped.reshape(-1)
 
 
 def antithetic_difference(rewards: jax.Array) -> jax.Array:
-  """Pairs (2k, 2k+1) weighted by ``±(R+ - R-) / (2 std(R+ - R-))``.
+  """Pairs (2k, 2k+1) weighted by ``±(R+ - R-) / (2 rms(R+ - R-))``.
 
   The symmetric-difference estimator: each pair's shared component cancels, and
-  the scale does not depend on the reward's offset. A pair with a failed
-  member contributes 0.
+  the scale does not depend on the reward's offset. The differences are
+  divided by their root mean square over the valid pairs (not their std: a
+  common difference is the signal, not an offset), so the pair weights
+  ``±d / rms(d)`` have unit scale even when every pair differs by the same
+  amount, and are all 0 when no pair differs. A pair with a failed member
+  contributes 0.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> antithetic_difference(jnp.array([1.0, 0.0, 1.0, 0.0]))
+    Array([ 0.5, -0.5,  0.5, -0.5], dtype=float32)
   """
   valid, r = _valid(rewards)
   if r.shape[0] % 2:
     raise ValueError(f"antithetic_difference needs an even population, got {r.shape[0]}.")
   pair_valid = valid.reshape(-1, 2).all(axis=1)
-  diff = jnp.where(pair_valid, r[0::2] - r[1::2], 0.0)
-  _, std = _masked_mean_std(diff, pair_valid)
-  half = diff / (2 * (std + EPS))
+  x, _ = _unit_scaled(r, valid)  # R+ - R- of rewards near float32's maximum would overflow
+  diff = jnp.where(pair_valid, x[0::2] - x[1::2], 0.0)
+  diff, _ = _unit_scaled(diff, pair_valid)  # so that tiny differences do not square to 0
+  rms = jnp.sqrt(jnp.where(pair_valid, diff ** 2, 0.0).sum() / jnp.maximum(pair_valid.sum(), 1))
+  half = jnp.where(rms > 0, diff / (2 * jnp.where(rms > 0, rms, 1.0)), 0.0)
   return jnp.stack([half, -half], axis=1).reshape(-1)
 
 

@@ -1,0 +1,69 @@
+"""Argument checks shared by the core factories: hyperparameters of any numeric type.
+
+Python, NumPy and concrete JAX scalars are all accepted and returned as Python
+numbers (so that static configs stay hashable); bools are refused where a
+number is meant, and so are traced values unless the caller allows them.
+
+Example:
+  >>> import numpy as np
+  >>> integer("population", np.int64(8), minimum=2)
+  8
+  >>> real("sigma", np.float32(0.5))
+  0.5
+  >>> integer("population", True, minimum=2)
+  Traceback (most recent call last):
+  ...
+  TypeError: population must be an integer, got True of type bool.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def is_traced(value: Any) -> bool:
+  """Whether ``value`` is an abstract JAX value (inside jit/vmap), whose number is unknown."""
+  return isinstance(value, jax.core.Tracer)
+
+
+def _scalar(name: str, value: Any, what: str, kinds: tuple[type, ...], dtype_kinds: str):
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be {what}, got {value!r} of type {type(value).__name__}.")
+  if isinstance(value, kinds):
+    return value
+  if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+    shape, kind = np.shape(value), np.dtype(value.dtype).kind
+    if shape == () and kind in dtype_kinds:
+      if is_traced(value):
+        raise TypeError(f"{name} must be a concrete number, got a traced value; pass a Python "
+                        "or NumPy number, not one computed inside jit/vmap.")
+      return value.item()
+    raise TypeError(f"{name} must be {what}, got an array of shape {shape} and dtype "
+                    f"{value.dtype}.")
+  raise TypeError(f"{name} must be {what}, got {value!r} of type {type(value).__name__}.")
+
+
+def integer(name: str, value: Any, *, minimum: int) -> int:
+  """``value`` as a Python int >= ``minimum`` (int, NumPy or 0-d JAX integer)."""
+  value = int(_scalar(name, value, "an integer", (numbers.Integral,), "iu"))
+  if value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value}.")
+  return value
+
+
+def real(name: str, value: Any) -> float:
+  """``value`` as a Python float (int, float, NumPy or 0-d JAX number); range is the caller's."""
+  return float(_scalar(name, value, "a real number", (numbers.Real,), "iuf"))
+
+
+def finite_real(name: str, value: Any, *, positive: bool) -> float:
+  """A finite real number, ``> 0`` if ``positive`` else ``>= 0``."""
+  value = real(name, value)
+  if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+    raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value}.")
+  return value
