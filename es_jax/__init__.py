@@ -9,6 +9,10 @@ from es_jax.es import es_step
 from es_jax.es import member_noise
 from es_jax.es import member_params
 from es_jax.layers import Dense
+from es_jax.mitigations import AnchoredNormCapState
+from es_jax.mitigations import SparsifiedUpdatesState
+from es_jax.mitigations import anchored_norm_cap
+from es_jax.mitigations import sparsified_updates
 from es_jax.noise import LowRank
 from es_jax.noise import NoiseSpec
 from es_jax.noise import materialize
@@ -16,6 +20,7 @@ from es_jax.noise import perturb
 from es_jax.shaping import antithetic_difference
 from es_jax.shaping import centered_rank
 from es_jax.shaping import group_z_score
+from es_jax.shaping import per_prompt_centering
 from es_jax.shaping import z_score
 
 __all__ = [
@@ -36,4 +41,10 @@ __all__ = [
     "perturb",
     "shaping",
     "z_score",
+    # issue 12: mitigations, per-prompt centring
+    "AnchoredNormCapState",
+    "SparsifiedUpdatesState",
+    "anchored_norm_cap",
+    "per_prompt_centering",
+    "sparsified_updates",
 ]
