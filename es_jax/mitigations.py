@@ -186,8 +186,9 @@ def sparsified_updates(
       exactly ``k`` entries survive (zeros included when fewer than ``k`` are
       non-zero, which changes nothing).
 
-  Selection costs a ``lax.top_k`` over each tensor (or the whole tree); the
-  residual is one float32 copy of the params. Chain it right after the
+  Selection costs a ``lax.top_k`` over each tensor, or over one vector of the
+  whole tree's magnitudes for ``"global"`` (gathered onto every device when
+  the params are sharded); ``"carry"`` keeps one float32 copy of the params. Chain it right after the
   optimizer; transforms after it (AWD, :func:`anchored_norm_cap`) may add dense
   corrections. ``fraction=1`` passes every step through unchanged.
 

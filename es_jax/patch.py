@@ -88,7 +88,7 @@ def params_sha256(params: PyTree) -> str:
   return digest.hexdigest()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays have no truth value to compare by
 class Patch:
   """A fine-tune as data: apply it with :func:`apply_patch` onto the base it was made from.
 

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from es_jax.recipe import EsRecipe
+
 PyTree = Any
 
 
@@ -59,11 +61,9 @@ def replay(tx: Any, params: PyTree, fitness_history: Any) -> tuple[PyTree, PyTre
     >>> bool(jnp.allclose(replayed["w"], params["w"], rtol=1e-6))
     True
   """
-  if hasattr(tx, "build") and not isinstance(tx, optax.GradientTransformation):
-    population = tx.es.population
-    tx = tx.build()
-  else:
-    population = None
+  population = None
+  if isinstance(tx, EsRecipe):
+    population, tx = tx.es.population, tx.build()
   history = np.asarray(fitness_history, np.float32)
   if history.ndim != 2 or (population is not None and history.shape[1] != population):
     want = f"(generations, {population})" if population else "(generations, population)"

@@ -55,7 +55,11 @@ def apply(base: str, patch_path: str, out: str, *, dtype: str | None = None) -> 
   replayed = time.perf_counter()
   checkpoint.save_pretrained(out, model.config, params,
                              dtype=None if dtype is None else jnp.dtype(dtype))
-  source = pathlib.Path(checkpoint.resolve_checkpoint(base))
+  # A local directory, or a hub id load_model has just put in the HF cache (a single
+  # file such as a GGUF has no tokenizer files beside it to copy).
+  source = pathlib.Path(base)
+  if not source.exists():
+    source = pathlib.Path(checkpoint.resolve_checkpoint(base))
   for name in _TOKENIZER_FILES:
     if source.is_dir() and (source / name).exists():
       shutil.copy2(source / name, out / name)
