@@ -16,7 +16,6 @@ import pytest
 from jax.sharding import AxisType
 
 import es_jax
-from es_jax import patch as patch_lib
 from es_jax.recipe import (AwdRecipe, EsRecipe, EsStepRecipe, NormCapRecipe, OptimizerRecipe,
                            SparsifyRecipe)
 
