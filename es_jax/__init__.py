@@ -9,13 +9,32 @@ from es_jax.es import es_step
 from es_jax.es import member_noise
 from es_jax.es import member_params
 from es_jax.layers import Dense
+from es_jax.mitigations import AnchoredNormCapState
+from es_jax.mitigations import SparsifiedUpdatesState
+from es_jax.mitigations import anchored_norm_cap
+from es_jax.mitigations import sparsified_updates
 from es_jax.noise import LowRank
 from es_jax.noise import NoiseSpec
 from es_jax.noise import materialize
 from es_jax.noise import perturb
+from es_jax.patch import Patch
+from es_jax.patch import PatchError
+from es_jax.patch import apply_patch
+from es_jax.patch import load_patch
+from es_jax.patch import make_patch
+from es_jax.patch import params_sha256
+from es_jax.patch import save_patch
+from es_jax.recipe import AwdRecipe
+from es_jax.recipe import EsRecipe
+from es_jax.recipe import EsStepRecipe
+from es_jax.recipe import NormCapRecipe
+from es_jax.recipe import OptimizerRecipe
+from es_jax.recipe import SparsifyRecipe
+from es_jax.replay import replay
 from es_jax.shaping import antithetic_difference
 from es_jax.shaping import centered_rank
 from es_jax.shaping import group_z_score
+from es_jax.shaping import per_prompt_centering
 from es_jax.shaping import z_score
 
 __all__ = [
@@ -36,4 +55,25 @@ __all__ = [
     "perturb",
     "shaping",
     "z_score",
+    # issue 12: mitigations, per-prompt centring
+    "AnchoredNormCapState",
+    "SparsifiedUpdatesState",
+    "anchored_norm_cap",
+    "per_prompt_centering",
+    "sparsified_updates",
+    # issue 12: ES patches
+    "AwdRecipe",
+    "EsRecipe",
+    "EsStepRecipe",
+    "NormCapRecipe",
+    "OptimizerRecipe",
+    "Patch",
+    "PatchError",
+    "SparsifyRecipe",
+    "apply_patch",
+    "load_patch",
+    "make_patch",
+    "params_sha256",
+    "replay",
+    "save_patch",
 ]

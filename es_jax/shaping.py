@@ -148,3 +148,56 @@ def replace_failed_with_worst(rewards: jax.Array) -> jax.Array:
   valid = jnp.isfinite(rewards)
   worst = jnp.min(jnp.where(valid, rewards, jnp.inf))
   return jnp.where(valid, rewards, jnp.where(valid.any(), worst, jnp.nan))
+
+
+def per_prompt_centering(rewards_by_prompt: jax.Array, *, normalize: bool = False) -> jax.Array:
+  """Per-member fitness from a ``(members, prompts)`` reward matrix, centred prompt by prompt.
+
+  Each prompt's column is centred on its mean over the valid members, then each
+  member's centred rewards are averaged over the prompts:
+  ``f_i = mean_p (R_ip - mean_j R_jp)`` (eggroll-vllm's ``fitness_per_prompt``,
+  HyperscaleES's group baseline). A prompt every member solves (or fails) then
+  adds nothing, instead of an offset that only ``z_score`` would remove.
+
+  With ``normalize=True`` each centred column is also divided by its
+  population std over the valid members (+1e-8): every prompt weighs the same
+  however spread its rewards are (a per-prompt z-score, the GRPO advantage
+  with the members as the group), and a column where all valid members tie
+  contributes exactly 0.
+
+  A member is failed if any of its rewards is NaN/inf: it is excluded from the
+  column statistics and its fitness is **NaN**, not 0, because the output is a
+  fitness for :func:`es_jax.es_step` (which excludes and counts NaN members)
+  rather than a weight. ``es_step`` shapes ``(N,)`` rewards, so apply this
+  first and pass the result, with the shaping of your choice on top
+  (``identity`` to use it as it is, ``z_score`` to rescale it across members)::
+
+    tx = optax.chain(es_step(None, ..., fitness_shaping=shaping.identity), optax.sgd(alpha))
+    updates, state = tx.update(None, state, params,
+                               fitness=shaping.per_prompt_centering(rewards_by_prompt))
+
+  Args:
+    rewards_by_prompt: ``(N, P)`` rewards, member ``i``'s on prompt ``p`` at ``[i, p]``.
+    normalize: divide each centred column by its std (see above).
+
+  Returns:
+    ``(N,)`` float32 fitness; NaN for failed members (all NaN if every member failed).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> r = jnp.array([[1.0, 0.0], [1.0, 1.0], [1.0, 0.5], [jnp.nan, 0.0]])
+    >>> per_prompt_centering(r)  # prompt 0 is solved by all: only prompt 1 separates
+    Array([-0.25,  0.25,  0.  ,   nan], dtype=float32)
+  """
+  rewards_by_prompt = jnp.asarray(rewards_by_prompt)
+  if rewards_by_prompt.ndim != 2 or 0 in rewards_by_prompt.shape:
+    raise ValueError("per_prompt_centering needs a non-empty (members, prompts) matrix, got "
+                     f"shape {rewards_by_prompt.shape}; for (N,) rewards use z_score or identity.")
+  finite = jnp.isfinite(rewards_by_prompt)
+  member_valid = finite.all(axis=1)
+  r = jnp.where(finite, rewards_by_prompt, 0.0).astype(jnp.float32)
+  mean, std = jax.vmap(_masked_mean_std, in_axes=(1, None))(r, member_valid)
+  centred = r - mean[None, :]
+  if normalize:
+    centred = centred / (std[None, :] + EPS)
+  return jnp.where(member_valid, centred.mean(axis=1), jnp.nan)
