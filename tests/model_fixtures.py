@@ -48,6 +48,13 @@ HF_CONFIGS = {
                          "original_max_position_embeddings": 2048},
         tie_word_embeddings=True, initializer_range=0.2, rms_norm_eps=1e-5,
         bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    # What llama.cpp writes to GGUF: tied, plain RoPE (its llama3 scaling is a rope_freqs table).
+    "llama_gguf": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=28, intermediate_size=43, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=10,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+        tie_word_embeddings=True, initializer_range=0.2, rms_norm_eps=1e-5,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0),
     # Untied, with attention and MLP biases (Llama's optional flags).
     "llama_untied_bias": lambda: transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=22, intermediate_size=31, num_hidden_layers=2,

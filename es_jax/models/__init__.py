@@ -6,6 +6,9 @@ Example::
   model, params = models.load_model("Qwen/Qwen2.5-0.5B-Instruct")   # bf16 compute, fp32 params
   tok = models.load_tokenizer("Qwen/Qwen2.5-0.5B-Instruct")
   models.generate_text(model, params, tok, ["Hi!"], chat_template=True, max_new_tokens=32)
+
+GGUF files and the packaged SmolLM2-135M-Instruct load the same way
+(``models.load_model("smollm2-135m-instruct")``, see :mod:`es_jax.models.gguf`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from es_jax.models.generate import encode_prompts
 from es_jax.models.generate import generate_text
 from es_jax.models.generate import generate_text_population
 from es_jax.models.generate import sample_token
+from es_jax.models.gguf import GGUFError
+from es_jax.models.gguf import PACKAGED_MODELS
 from es_jax.models.sharding import PARTITION_RULES
 from es_jax.models.sharding import auto_sharded
 from es_jax.models.sharding import param_specs
@@ -49,8 +54,10 @@ __all__ = [
     "CheckpointError",
     "DecodeOutput",
     "DecodeSettings",
+    "GGUFError",
     "KVCache",
     "ModelConfig",
+    "PACKAGED_MODELS",
     "PARTITION_RULES",
     "PRESETS",
     "RopeScaling",

@@ -397,7 +397,8 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
   """``(model, params)`` from a local directory or a hub id (downloaded through the HF cache).
 
   Args:
-    name_or_path: checkpoint directory or hub id such as ``"Qwen/Qwen2.5-0.5B-Instruct"``.
+    name_or_path: checkpoint directory or hub id such as ``"Qwen/Qwen2.5-0.5B-Instruct"``;
+      a ``.gguf`` file or a packaged short name loads through :mod:`es_jax.models.gguf`.
     dtype: computation dtype (bfloat16 default; float32 for exact comparisons).
     param_dtype: param dtype (float32 default: the ES master copy).
     mesh: shard the params over this mesh's ``'model'`` axis while loading.
@@ -406,7 +407,11 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
   Example::
 
     model, params = load_model("Qwen/Qwen2.5-0.5B-Instruct")
+    model, params = load_model("smollm2-135m-instruct")   # GGUF: see es_jax.models.gguf
   """
+  from es_jax.models import gguf  # imports this module: a top-level import would be circular
+  if gguf.is_gguf(name_or_path):
+    return gguf.load_model(name_or_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
   path = resolve_checkpoint(name_or_path, revision=revision)
   config = load_config(path, dtype=dtype, param_dtype=param_dtype)
   return Transformer(config), load_params(path, config, mesh=mesh)

@@ -12,6 +12,8 @@ import string
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from es_jax.models import gguf
+
 CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -45,7 +47,13 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-  """Loads a checkpoint's tokenizer (local directory or hub id) with left padding for decoding."""
+  """Loads a checkpoint's tokenizer (local directory or hub id) with left padding for decoding.
+
+  A ``.gguf`` file or a packaged short name such as ``"smollm2-135m-instruct"``
+  builds the tokenizer embedded in the GGUF (:func:`es_jax.models.gguf.load_tokenizer`).
+  """
+  if gguf.is_gguf(name_or_path):
+    return gguf.load_tokenizer(name_or_path)
   tok = AutoTokenizer.from_pretrained(name_or_path)
   tok.padding_side = "left"
   if tok.pad_token is None:
