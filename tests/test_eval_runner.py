@@ -155,8 +155,8 @@ def test_registry():
   assert isinstance(get_task("countdown"), CountdownTask)
   assert get_task("GSM8K", mode="strict").mode == "strict"
   assert get_task("hellaswag", protocol="generative").protocol == "generative"
-  with pytest.raises(ValueError, match="unknown task 'mmlu'; known tasks: countdown, gsm8k, "
-                                       "hellaswag"):
+  with pytest.raises(ValueError, match="unknown task 'mmlu'; known tasks: arithmetic, "
+                                       "countdown, gsm8k, hellaswag"):
     get_task("mmlu")
   with pytest.raises(ValueError, match="bad options for task 'gsm8k'"):
     get_task("gsm8k", protocol="generative")
