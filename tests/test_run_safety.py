@@ -223,6 +223,19 @@ def test_a_full_disk_during_resume_leaves_config_json_whole(run_copy, capsys, mo
   assert not (run_copy / "config.json.tmp").exists()
 
 
+def test_a_full_disk_while_plotting_leaves_the_previous_plots_whole(run_copy):
+  from experiments import plots
+  records = {"run": run_lib.read_metrics(run_copy)}
+  before = snapshot(run_copy)
+  restore = _limit_file_size(2000)  # smaller than each plot
+  try:
+    with pytest.raises(OSError, match="File too large"):
+      plots.write_plots(records, run_copy)
+  finally:
+    restore()
+  assert snapshot(run_copy) == before
+
+
 @pytest.mark.parametrize("name", ["config.json", "sweep.json"])
 def test_a_truncated_json_file_is_named_in_the_error(run_copy, capsys, name):
   path = run_copy / name
