@@ -104,8 +104,8 @@ def read_metrics(run_dir: str | pathlib.Path) -> list[Record]:
 def _non_finite_error(config: ExperimentConfig, out: pathlib.Path, iteration: int,
                       saved: int | None) -> RunError:
   kept = (f"checkpoint {saved} is intact" if saved is not None else "no checkpoint was saved")
-  hint = ("es.learning_rate or es.sigma" + (" or awd.strength" if config.awd.kind != "none" else "")
-          if config.algorithm == "es" else "grpo.learning_rate or grpo.max_grad_norm")
+  hint = ("es.learning_rate (each step moves a weight by about alpha times its noise)"
+          if config.algorithm == "es" else "grpo.learning_rate")
   return RunError(f"iteration {iteration} of {out}: the params are no longer finite (NaN or inf) "
                   f"after the update, so the run stopped; nothing of iteration {iteration} was "
                   f"saved and {kept}. Lower {hint} and start a fresh run with a new --out.")
