@@ -73,8 +73,10 @@ def write_plots(runs: Records, out: pathlib.Path) -> list[pathlib.Path]:
     try:  # atomic like metrics.jsonl: a full disk leaves the previous plot, not half of one
       make(runs).savefig(tmp, dpi=110, format="png")
       tmp.replace(path)
-    except BaseException:
+    except BaseException as error:
       tmp.unlink(missing_ok=True)
+      if isinstance(error, OSError) and error.filename is None:  # PIL's failed write names none
+        raise OSError(error.errno, error.strerror, str(path)) from error
       raise
     paths.append(path)
   return paths

@@ -40,6 +40,7 @@ import json
 import pathlib
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -293,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _os_error_line(error: OSError, out: pathlib.Path | None) -> str:
   """One line: what failed, that the checkpoints are intact, and what to do."""
   what = " ".join(str(error).split())  # tensorstore messages span lines
+  if error.filename is None and error.__traceback__ is not None:
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    what += f" (in {frame.filename}, line {frame.lineno})"
   resumable = out is not None and (rundir.is_claimed_by_runner(out, "config.json")
                                    or rundir.is_claimed_by_runner(out, "sweep.json"))
   then = (f"continue with `python -m experiments.run --resume {out}`" if resumable

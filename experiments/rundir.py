@@ -70,9 +70,11 @@ def write_text(path: pathlib.Path, text: str) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as error:
     with contextlib.suppress(OSError):
       tmp.unlink()
+    if isinstance(error, OSError) and error.filename is None:  # a failed write names no file
+      raise OSError(error.errno, error.strerror, str(path)) from error
     raise
 
 
