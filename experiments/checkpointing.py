@@ -5,8 +5,8 @@ A thin layer over ``orbax.checkpoint.CheckpointManager``. Each step directory
 
   * ``arrays``: every leaf of the state as a flat ``{leaf path: array}`` dict
     (typed PRNG keys as their ``jax.random.key_data``);
-  * ``manifest``: JSON with the run ``fingerprint`` and, per leaf, its path,
-    shape, dtype, PRNG impl and a checksum of its bits;
+  * ``manifest``: JSON with the run ``fingerprint``, a SHA-256 of ``meta`` and,
+    per leaf, its path, shape, dtype, PRNG impl and a checksum of its bits;
   * ``meta``: the caller's JSON (iteration, data position, metrics, config).
 
 Atomicity is orbax's: a step is written into ``<step>.orbax-checkpoint-tmp``
@@ -15,6 +15,8 @@ file systems), so a kill mid-save leaves only a tmp directory, which orbax does
 not list as a step and removes when that step is saved again. The checksums
 exist because tensorstore does not notice flipped bytes inside an array chunk
 (its zstd frames carry no checksum): it returns wrong values without an error.
+The meta has one too: an edited iteration or metric would otherwise resume
+silently, skipping iterations or carrying a false record.
 
 Decisions:
   * Saving a step that is not after the latest one (an existing step included)
@@ -23,6 +25,8 @@ Decisions:
     nothing on disk is touched. Corruption is only detected on restore: a save
     after a corrupt latest step still works, the corrupt step counts toward
     ``keep_last_n`` like any other and only the oldest steps are pruned.
+  * A save that the file system refuses (a full disk, a file-size limit) raises
+    ``OSError`` naming the step; the earlier steps are untouched.
   * ``meta`` goes through JSON: tuples come back as lists, non-string dict keys
     as strings, NumPy/JAX scalars and arrays as Python numbers and lists; NaN
     and +-inf survive as floats (written as Python's ``NaN``/``Infinity``).
@@ -30,9 +34,16 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import json
+import logging
 import operator
+import os
 import pathlib
+import re
+import sys
 from typing import Any, Mapping
 
 import jax
@@ -41,7 +52,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
-_FORMAT = 1  # version of the manifest layout, so a future change is recognised
+_FORMAT = 2  # version of the manifest layout, so a future change is recognised (2: meta checksum)
 _INCOMPATIBLE_HINT = ("Resume with the configuration that wrote it, or start a fresh run with a "
                       "new --out.")
 
@@ -118,15 +129,37 @@ class RunCheckpointer:
     meta = _through_json(dict(meta), "meta")
     paths, leaves, _ = _flatten(state)
     data = [_key_data_or_array(leaf) for leaf in leaves]
-    manifest = {"format": _FORMAT, "fingerprint": self.fingerprint, "leaves": [
+    manifest = {"format": _FORMAT, "fingerprint": self.fingerprint,
+                "meta_sha256": _meta_digest(meta), "leaves": [
         {"path": path, "shape": list(np.shape(leaf)), "dtype": str(_dtype(leaf)),
          "key_impl": _key_impl(leaf), "checksum": checksum}
         for path, leaf, checksum in zip(paths, leaves, _checksums(data))]}
-    self._manager.save(step, force=True, args=ocp.args.Composite(
-        arrays=ocp.args.StandardSave(dict(zip(paths, data))),
-        manifest=ocp.args.JsonSave(manifest), meta=ocp.args.JsonSave(meta)))
-    self._manager.wait_until_finished()  # a no-op while saves are synchronous; kept as a guarantee
+    try:
+      with _orbax_error_logs_silenced():  # the error is raised below, once, with its cause
+        self._manager.save(step, force=True, args=ocp.args.Composite(
+            arrays=ocp.args.StandardSave(dict(zip(paths, data))),
+            manifest=ocp.args.JsonSave(manifest), meta=ocp.args.JsonSave(meta)))
+        self._manager.wait_until_finished()  # a no-op while saves are synchronous; a guarantee
+    except Exception as error:
+      failure = self._write_failed(step, error)
+      if failure is error:
+        raise
+      raise failure from error
     self._known_fingerprint_step = step
+
+  def read_meta(self, step: int | None = None) -> dict:
+    """The verified ``meta`` of ``step`` (default: the latest), without reading its arrays.
+
+    Cheap: a run can check what it would resume (iteration, metrics) before
+    loading a model. :meth:`restore` verifies the same and the arrays.
+
+    Raises:
+      CheckpointError: no such step, the step is corrupt (its manifest or meta
+        unreadable, the meta not the one saved), or written by a run with
+        another fingerprint.
+    """
+    step = self._step_to_restore(step)
+    return self._verified_json(step)[1]
 
   def restore(self, like: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
     """Returns ``(state, meta)`` of ``step`` (default: the latest).
@@ -139,17 +172,8 @@ class RunCheckpointer:
         checksum mismatch); or it is incompatible (fingerprint, tree structure,
         leaf shape or dtype differ from ``like``).
     """
-    steps = self.all_steps()
-    if step is None and not steps:
-      raise CheckpointError(f"No checkpoint in {self.directory}.")
-    step = steps[-1] if step is None else operator.index(step)
-    if step not in steps:
-      raise CheckpointError(f"No step {step} in {self.directory}; the steps there are {steps}.")
-    manifest, meta = self._read_json(step)
-    if not (isinstance(manifest, dict) and manifest.get("format") == _FORMAT
-            and isinstance(manifest.get("leaves"), list) and isinstance(meta, dict)):
-      raise self._corrupt(step, "its manifest or meta is missing or malformed")
-    self._check_fingerprint(step, manifest.get("fingerprint"))
+    step = self._step_to_restore(step)
+    manifest, meta = self._verified_json(step)
     paths, like_leaves, treedef = _flatten(like)
     self._check_leaves(step, manifest["leaves"], paths, like_leaves)
     target = {path: _restore_target(leaf) for path, leaf in zip(paths, like_leaves)}
@@ -176,6 +200,48 @@ class RunCheckpointer:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+  def _step_to_restore(self, step: int | None) -> int:
+    steps = self.all_steps()
+    if step is None and not steps:
+      raise CheckpointError(f"No checkpoint in {self.directory}.")
+    step = steps[-1] if step is None else operator.index(step)
+    if step not in steps:
+      raise CheckpointError(f"No step {step} in {self.directory}; the steps there are {steps}.")
+    return step
+
+  def _verified_json(self, step: int) -> tuple[dict, dict]:
+    """The manifest and meta of ``step``, checked for format, fingerprint and meta checksum."""
+    manifest, meta = self._read_json(step)
+    if isinstance(manifest, dict) and manifest.get("format") not in (_FORMAT, None):
+      raise CheckpointError(
+          f"Checkpoint {self.directory / str(step)} has manifest format "
+          f"{manifest.get('format')!r}; this version reads format {_FORMAT}. Resume it with the "
+          "version of es_jax that wrote it, or start a fresh run with a new --out.")
+    if not (isinstance(manifest, dict) and manifest.get("format") == _FORMAT
+            and isinstance(manifest.get("leaves"), list) and isinstance(meta, dict)
+            and isinstance(manifest.get("meta_sha256"), str)):
+      raise self._corrupt(step, "its manifest or meta is missing or malformed")
+    self._check_fingerprint(step, manifest.get("fingerprint"))
+    if _meta_digest(meta) != manifest["meta_sha256"]:
+      raise self._corrupt(step, "its meta (iteration, metrics...) differs from the meta it was "
+                                "saved with")
+    return manifest, meta
+
+  def _write_failed(self, step: int, error: Exception) -> Exception:
+    """An ``OSError`` naming the step for a save the file system refused; else ``error``."""
+    if isinstance(error, OSError):
+      code, reason = error.errno, error.strerror or str(error)
+    else:  # tensorstore reports its file errors as ValueError("... [os_error_code='28']")
+      found = re.search(r"os_error_code='?(\d+)", str(error))
+      if not found:
+        return error
+      code = int(found.group(1))
+      reason = os.strerror(code)
+    earlier = [s for s in self._manager.all_steps() if s < step]
+    kept = f"steps {earlier} are intact" if earlier else "no earlier step exists"
+    return OSError(code or errno.EIO, f"could not write checkpoint step {step} ({reason}); {kept}",
+                   str(self.directory / str(step)))
 
   def _read_json(self, step: int) -> tuple[Any, Any]:
     try:
@@ -221,6 +287,55 @@ class RunCheckpointer:
     return CheckpointError(f"Checkpoint {self.directory / str(step)} is corrupt: {problem}. "
                            f"Nothing on disk was changed; {fallback} or start a fresh run with a "
                            "new --out.")
+
+
+def _meta_digest(meta: dict) -> str:
+  # Canonical text: the meta as saved and as read back (through JSON both) give the same bytes.
+  text = json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=True)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+class _OrbaxErrorFilter(logging.Filter):
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+@contextlib.contextmanager
+def _orbax_error_logs_silenced():
+  """Drops orbax's ERROR logs (each a full traceback) while a save runs: its failure is raised."""
+  logger, log_filter = logging.getLogger("absl"), _OrbaxErrorFilter()
+  logger.addFilter(log_filter)
+  try:
+    yield
+  finally:
+    logger.removeFilter(log_filter)
+
+
+def silence_closed_event_loop_noise() -> None:
+  """Stops printing orbax's ``RuntimeError: Event loop is closed`` tracebacks (process-wide).
+
+  When one tensorstore read or write fails, orbax closes its event loop while
+  the others are still finishing; their callbacks then fail from tensorstore's
+  threads and Python prints each as an unraisable exception, after the real
+  error was already handled and reported. Only that error is dropped; every
+  other unraisable exception still reaches the previous hook. Idempotent.
+
+  Example:
+    >>> silence_closed_event_loop_noise()
+    >>> sys.unraisablehook.__name__
+    '_drop_closed_event_loop'
+  """
+  previous = sys.unraisablehook
+  if getattr(previous, "__name__", "") == "_drop_closed_event_loop":
+    return
+
+  def _drop_closed_event_loop(unraisable):
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = _drop_closed_event_loop
 
 
 def _flatten(tree: PyTree) -> tuple[list[str], list[Any], Any]:

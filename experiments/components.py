@@ -80,18 +80,58 @@ def load_examples(config: ExperimentConfig) -> tuple[list[Any], list[Any]]:
   return train, held_out
 
 
+def check_sizes(config: ExperimentConfig, train: Sequence[Any], held_out: Sequence[Any],
+                prior_examples: Sequence[Any]) -> None:
+  """Refuses data with fewer examples than the config asks for, naming the field and the file.
+
+  The loaders keep at most ``num_*`` rows, so a short file would otherwise give
+  an ``IndexError`` mid-run (training indexes ``num_train`` prompts) or metrics
+  over fewer examples than the config says.
+
+  Example:
+    >>> from experiments.config import preset
+    >>> check_sizes(preset("countdown_es"), [0] * 200, [], [0] * 500)
+    Traceback (most recent call last):
+    ValueError: task.num_eval=200 but the eval data (generated Countdown instances) is empty; give task.eval_source with at least 200 examples, or lower task.num_eval
+  """
+  t = config.task
+  checks = [("num_train", "train_source", "train", train),
+            ("num_eval", "eval_source", "eval", held_out)]
+  if t.prior != "none":
+    checks.append(("num_prior", "prior_source", "prior", prior_examples))
+  for field, source_field, what, examples in checks:
+    wanted, source = getattr(t, field), getattr(t, source_field)
+    if len(examples) >= wanted:
+      continue
+    if source is None:
+      source = ("generated Countdown instances" if what != "prior" and t.target == "countdown"
+                else f"the hub's default {t.prior if what == 'prior' else t.target} data")
+    found = "is empty" if not examples else f"has only {len(examples)}"
+    raise ValueError(
+        f"task.{field}={wanted} but the {what} data ({source}) {found}"
+        f"{'' if not examples else ' examples'}; give task.{source_field} with at least "
+        f"{wanted} examples, or lower task.{field}"
+        f"{'' if not examples else f' to at most {len(examples)}'}")
+
+
 def build(config: ExperimentConfig) -> Components:
-  """Loads the checkpoint and tokenizer, and the target and prior tasks' data."""
-  model, params = load_model(config.model.checkpoint, dtype=jnp.dtype(config.model.dtype),
-                             param_dtype=jnp.dtype(config.model.param_dtype))
-  tokenizer = load_tokenizer(config.model.checkpoint)
+  """Loads the target and prior tasks' data, checks its size, then the checkpoint and tokenizer.
+
+  Raises:
+    ValueError: the data has fewer examples than ``task.num_*`` (before the
+      model is loaded).
+  """
   target_task = get_task(config.task.target)
   train, held_out = load_examples(config)
-  chat = config.model.chat_template
   prior_task, prior_examples = None, ()
   if config.task.prior == "hellaswag":
     prior_task = get_task("hellaswag", protocol=config.task.prior_protocol)
     prior_examples = tuple(prior_task.load(config.task.prior_source, limit=config.task.num_prior))
+  check_sizes(config, train, held_out, prior_examples)
+  model, params = load_model(config.model.checkpoint, dtype=jnp.dtype(config.model.dtype),
+                             param_dtype=jnp.dtype(config.model.param_dtype))
+  tokenizer = load_tokenizer(config.model.checkpoint)
+  chat = config.model.chat_template
   return Components(model, params, tokenizer, target_task, encode(target_task, train, tokenizer, chat),
                     encode(target_task, held_out, tokenizer, chat), prior_task, prior_examples)
 

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,6 +30,15 @@ SHAPINGS = ("z_score", "centered_rank", "identity")
 def _check(ok: bool, message: str) -> None:
   if not ok:
     raise ValueError(message)
+
+
+def _check_finite(spec: Any, section: str) -> None:
+  """Every float field of ``spec`` finite: ``inf``/``nan`` parse as floats and would pass the
+  range checks (``inf > 0``), then train NaN weights to the end without an error."""
+  for field in dataclasses.fields(spec):
+    value = getattr(spec, field.name)
+    _check(not (isinstance(value, float) and not math.isfinite(value)),
+           f"{section}{field.name}={value} must be a finite number")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +58,7 @@ class ModelSpec:
   chat_template: bool = True
 
   def __post_init__(self):
+    _check_finite(self, "model.")
     for name in ("dtype", "param_dtype"):
       _check(getattr(self, name) in ("float32", "bfloat16", "float16"),
              f"model.{name}={getattr(self, name)!r}: use float32, bfloat16 or float16")
@@ -87,12 +98,17 @@ class TaskSpec:
   max_new_tokens: int = 1024
 
   def __post_init__(self):
+    _check_finite(self, "task.")
     _check(self.target in TARGETS, f"task.target={self.target!r}: use one of {TARGETS}")
     _check(self.prior in ("hellaswag", "none"), f"task.prior={self.prior!r}: use hellaswag or none")
     _check(self.prior_protocol in ("loglik", "generative"),
            f"task.prior_protocol={self.prior_protocol!r}: use loglik or generative")
     for name in ("num_train", "num_eval", "max_new_tokens"):
       _check(getattr(self, name) >= 1, f"task.{name}={getattr(self, name)} must be >= 1")
+    _check(self.prior == "none" or self.num_prior >= 1,
+           f"task.num_prior={self.num_prior} must be >= 1 with task.prior={self.prior!r} "
+           "(or set task.prior=none)")
+    _check(self.kl_prompts >= 0, f"task.kl_prompts={self.kl_prompts} must be >= 0")
     _check(self.prompts_per_iteration is None or 1 <= self.prompts_per_iteration <= self.num_train,
            f"task.prompts_per_iteration={self.prompts_per_iteration} must be in "
            f"[1, num_train={self.num_train}] or None (all)")
@@ -126,6 +142,7 @@ class EsSpec:
   member_chunk: int | None = None
 
   def __post_init__(self):
+    _check_finite(self, "es.")
     _check(self.population >= 2, f"es.population={self.population} must be >= 2")
     _check(self.sigma > 0 and self.learning_rate > 0,
            f"es.sigma={self.sigma} and es.learning_rate={self.learning_rate} must be > 0")
@@ -156,6 +173,7 @@ class AwdSpec:
   strength: float = 0.0
 
   def __post_init__(self):
+    _check_finite(self, "awd.")
     _check(self.kind in AWD_KINDS, f"awd.kind={self.kind!r}: use one of {AWD_KINDS}")
     _check(self.kind == "none" or self.strength > 0,
            f"awd.strength={self.strength} must be > 0 with awd.kind={self.kind!r}")
@@ -188,6 +206,7 @@ class GrpoSpec:
   micro_batches: int = 1
 
   def __post_init__(self):
+    _check_finite(self, "grpo.")
     _check(self.prompts_per_iteration >= 1,
            f"grpo.prompts_per_iteration={self.prompts_per_iteration} must be >= 1")
     self.grpo_config(max_new_tokens=1)  # validates the rest, naming the field
@@ -232,6 +251,7 @@ class ExperimentConfig:
   seed: int = 0
 
   def __post_init__(self):
+    _check_finite(self, "")
     _check(self.algorithm in ALGORITHMS, f"algorithm={self.algorithm!r}: use one of {ALGORITHMS}")
     _check(self.iterations >= 1 and self.eval_every >= 1 and self.prompt_batch >= 1,
            "iterations, eval_every and prompt_batch must be >= 1")

@@ -20,6 +20,14 @@ position and the metrics so far). Resuming restores the newest checkpoint and
 continues bit-identically: every random draw is a function of the seed and
 the iteration.
 
+The directory is the runner's: ``config.json`` carries ``"runner":
+"experiments.run"``, and a run holds an exclusive lock on ``.lock`` while it
+runs (see :mod:`experiments.rundir`). A second runner on the same directory,
+an ``--out`` holding other files, a new run over an old one, and a resume
+with fewer ``iterations`` than its checkpoint are refused before anything is
+written. ``config.json`` and ``metrics.jsonl`` are replaced atomically; the
+run stops with an error, before saving, when the params stop being finite.
+
 With more than one device the population is split over a ``'pop'`` mesh axis
 (``pop_devices``, default all devices); the metrics equal a one-device run's.
 """
@@ -32,25 +40,24 @@ import json
 import pathlib
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 from tqdm import tqdm
 
-from experiments import components, config as config_lib, evaluate, plots
-from experiments.checkpointing import CheckpointError, RunCheckpointer
+from experiments import components, config as config_lib, evaluate, plots, rundir
+from experiments.checkpointing import (CheckpointError, RunCheckpointer,
+                                       silence_closed_event_loop_noise)
 from experiments.config import ExperimentConfig
+from experiments.rundir import RunError
 from experiments.trainers import make_trainer
 
 Record = dict[str, Any]
 # Fields that may change between a run and its resumption (they do not change the trajectory).
 SCHEDULE_FIELDS = ("name", "iterations", "eval_every", "checkpoint_every", "keep_checkpoints",
                    "prompt_batch", "pop_devices")
-
-
-class RunError(RuntimeError):
-  """A run directory that cannot be used as asked."""
 
 
 def fingerprint(config: ExperimentConfig) -> dict[str, Any]:
@@ -73,42 +80,95 @@ def mesh_for(config: ExperimentConfig):
 
 
 def _write_metrics(path: pathlib.Path, records: Sequence[Record]) -> None:
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-  tmp.replace(path)  # atomic: a kill never leaves a half-written metrics file
+  # atomic: a kill or a full disk never leaves a half-written metrics file
+  rundir.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def read_metrics(run_dir: str | pathlib.Path) -> list[Record]:
+  """The records of ``run_dir/metrics.jsonl``; a malformed line is named with the file.
+
+  Raises:
+    RunError: a line is not valid JSON.
+  """
+  path = pathlib.Path(run_dir) / "metrics.jsonl"
+  records = []
+  for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as error:
+      raise RunError(f"line {number} of {path} is not valid JSON ({error}); the same records "
+                     "are in the newest checkpoint's meta, and a --resume rewrites the file "
+                     "from them.") from None
+  return records
+
+
+def _non_finite_error(config: ExperimentConfig, out: pathlib.Path, iteration: int,
+                      saved: int | None) -> RunError:
+  kept = (f"checkpoint {saved} is intact" if saved is not None else "no checkpoint was saved")
+  hint = ("es.learning_rate (each step moves a weight by about alpha times its noise)"
+          if config.algorithm == "es" else "grpo.learning_rate")
+  return RunError(f"iteration {iteration} of {out}: the params are no longer finite (NaN or inf) "
+                  f"after the update, so the run stopped; nothing of iteration {iteration} was "
+                  f"saved and {kept}. Lower {hint} and start a fresh run with a new --out.")
 
 
 def run(config: ExperimentConfig, out: str | pathlib.Path, *, resume: bool = False,
         progress: bool = True) -> list[Record]:
   """Runs (or resumes) one experiment in ``out``; returns its metrics records.
 
+  ``out`` is locked for the whole run, and nothing is written into it before
+  every check (the directory, the checkpoint to resume and its config, the data
+  sizes, the model) has passed.
+
   Raises:
-    RunError: ``out`` holds checkpoints and ``resume`` is False (nothing is overwritten).
+    RunError: ``out`` is a file, a non-empty directory that is not a run of
+      this runner, already holds a run and ``resume`` is False, is in use by
+      another runner, or its checkpoint is past ``config.iterations``; or the
+      params stopped being finite (the run stops before saving them).
     CheckpointError: the newest checkpoint is corrupt or from an incompatible config.
+    OSError: a file could not be written (earlier checkpoints are intact).
   """
   out = pathlib.Path(out)
+  with rundir.claim(out, marker="config.json", resume=resume):
+    return _run_claimed(config, out, progress=progress)
+
+
+def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool) -> list[Record]:
   ckpt_dir = out / "checkpoints"
-  checkpointer = RunCheckpointer(ckpt_dir, keep_last_n=config.keep_checkpoints,
-                                 fingerprint=fingerprint(config))
-  latest = checkpointer.latest_step()
-  if latest is not None and not resume:
-    raise RunError(f"{out} already holds checkpoints (newest: iteration {latest}); resume it with "
-                   f"`python -m experiments.run --resume {out}` or choose another --out")
-  with mesh_for(config), checkpointer:
-    c = components.build(config)
+  with contextlib.ExitStack() as stack:
+    checkpointer, latest, meta = None, None, None
+    if ckpt_dir.exists():  # only in a run being resumed: a new run's directory is empty
+      checkpointer = stack.enter_context(RunCheckpointer(
+          ckpt_dir, keep_last_n=config.keep_checkpoints, fingerprint=fingerprint(config)))
+      latest = checkpointer.latest_step()
+    if latest is not None:  # cheap checks first: no model is loaded for a resume that would fail
+      meta = checkpointer.read_meta(latest)  # verifies its checksum and the fingerprint
+      _check_resumable(checkpointer, latest, meta, config)
+      if latest == config.iterations:
+        print(f"{out} is complete at iteration {latest} (iterations={config.iterations}); "
+              "nothing to do. Pass --set iterations=N with N > "
+              f"{latest} to extend it.", file=sys.stderr)
+        return list(meta["metrics"])
+    stack.enter_context(mesh_for(config))
+    c = components.build(config)  # checks the data's size before loading the model
     trainer = make_trainer(c, config)
     state = trainer.init(c.params0)
     start, records, wall = 0, [], 0.0
     if latest is not None:
-      state, meta = checkpointer.restore(state)
+      state, meta = checkpointer.restore(state, step=latest)
+      _check_resumable(checkpointer, latest, meta, config)
       start, records, wall = meta["iteration"], list(meta["metrics"]), meta["wall_time_s"]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    # Every check has passed: only now is anything written.
+    rundir.write_json(out / "config.json", rundir.mark(config.to_dict()))
+    if checkpointer is None:
+      checkpointer = stack.enter_context(RunCheckpointer(
+          ckpt_dir, keep_last_n=config.keep_checkpoints, fingerprint=fingerprint(config)))
     if start == 0:
       records.append({**evaluate.snapshot(c, config, state["params"], 0), "train_reward": None,
                       "wall_time_s": 0.0})
     # On resume this also drops records a killed run wrote after its last checkpoint.
     _write_metrics(out / "metrics.jsonl", records)
+    saved = latest
     bar = tqdm(range(start + 1, config.iterations + 1), initial=start, total=config.iterations,
                desc=config.name, disable=not progress, ncols=100)
     for iteration in bar:
@@ -116,6 +176,8 @@ def run(config: ExperimentConfig, out: str | pathlib.Path, *, resume: bool = Fal
       state, info = trainer.step(state, iteration)
       jax.block_until_ready(state["params"])
       wall += time.perf_counter() - t0
+      if not info["params_finite"]:
+        raise _non_finite_error(config, out, iteration, saved)
       bar.set_postfix(reward=f"{info['train_reward']:.3f}", refresh=False)
       last = iteration == config.iterations
       if iteration % config.eval_every == 0 or last:
@@ -128,8 +190,30 @@ def run(config: ExperimentConfig, out: str | pathlib.Path, *, resume: bool = Fal
         checkpointer.save(iteration, state, {
             "iteration": iteration, "data_position": info["data_position"], "metrics": records,
             "wall_time_s": wall})
+        saved = iteration
   plots.write_plots({config.name: records}, out)
   return records
+
+
+def _check_resumable(checkpointer: RunCheckpointer, step: int, meta: dict,
+                     config: ExperimentConfig) -> None:
+  """The checkpoint's meta agrees with its step, and the run has iterations left to do."""
+  where = checkpointer.directory / str(step)
+  if not (isinstance(meta.get("iteration"), int) and isinstance(meta.get("metrics"), list)
+          and isinstance(meta.get("wall_time_s"), (int, float))):
+    raise CheckpointError(f"Checkpoint {where} has no iteration, metrics or wall_time_s in its "
+                          "meta: it was not written by experiments.run. Delete it to fall back "
+                          "to the previous checkpoint, or start a fresh run with a new --out.")
+  if meta["iteration"] != step:
+    raise CheckpointError(f"Checkpoint {where} says iteration {meta['iteration']} but is step "
+                          f"{step}: its directory was renamed or it belongs to another run. "
+                          "Nothing was changed; delete it to fall back to the previous "
+                          "checkpoint, or start a fresh run with a new --out.")
+  if config.iterations < step:
+    raise RunError(f"{checkpointer.directory.parent} is at iteration {step}, past "
+                   f"iterations={config.iterations}: checkpoints are never rewound, so there is "
+                   f"nothing to do and nothing was changed. To extend the run pass --set "
+                   f"iterations=N with N > {step}.")
 
 
 def _summary_line(r: Record) -> str:
@@ -139,14 +223,27 @@ def _summary_line(r: Record) -> str:
 
 
 def run_sweep(configs: Sequence[ExperimentConfig], out: pathlib.Path, *, resume: bool,
-              progress: bool = True) -> dict[str, list[Record]]:
-  """Each config in ``out/<name>``, then comparison plots of all of them in ``out``."""
-  results = {}
-  for config in configs:
-    run_dir = out / config.name
-    results[config.name] = run(config, run_dir, resume=resume and run_dir.exists(),
-                               progress=progress)
-  plots.write_plots(results, out)
+              progress: bool = True, sweep: str | None = None,
+              overrides: Sequence[str] = ()) -> dict[str, list[Record]]:
+  """Each config in ``out/<name>``, then comparison plots of all of them in ``out``.
+
+  ``out`` is locked for the whole sweep (each run locks its own sub-directory
+  too). A new sweep needs a new or empty ``out`` and writes ``sweep.json``
+  (``sweep`` and ``overrides``, what ``--resume`` rebuilds the configs from)
+  once the directory has passed its checks; a resumed sweep leaves it as it is.
+  """
+  out = pathlib.Path(out)
+  with rundir.claim(out, marker="sweep.json", resume=resume):
+    if not resume:
+      rundir.write_json(out / "sweep.json", rundir.mark({"sweep": sweep,
+                                                          "overrides": list(overrides)}))
+    results = {}
+    for config in configs:
+      run_dir = out / config.name
+      results[config.name] = run(
+          config, run_dir, resume=resume and rundir.is_claimed_by_runner(run_dir, "config.json"),
+          progress=progress)
+    plots.write_plots(results, out)
   return results
 
 
@@ -169,6 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, cfgs in config_lib.SWEEPS.items():
       print(f"{name:20s} sweep: {', '.join(c.name for c in cfgs)}")
     return 0
+  # A failed tensorstore read or write makes orbax print "Event loop is closed" tracebacks from
+  # its threads after the error itself was handled; the one-line error below says it all.
+  silence_closed_event_loop_noise()
+  out = args.resume
   try:
     if args.resume is not None:
       return _resume(args.resume, args.set, not args.no_progress)
@@ -177,20 +278,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = [config_lib.apply_overrides(c, args.set) for c in config_lib.expand(args.preset)]
     out = args.out or pathlib.Path("runs") / args.preset
     if args.preset in config_lib.SWEEPS:
-      out.mkdir(parents=True, exist_ok=True)
-      (out / "sweep.json").write_text(json.dumps({"sweep": args.preset, "overrides": args.set}))
-      run_sweep(configs, out, resume=False, progress=not args.no_progress)
+      run_sweep(configs, out, resume=False, progress=not args.no_progress, sweep=args.preset,
+                overrides=args.set)
     else:
       run(configs[0], out, progress=not args.no_progress)
   except (RunError, CheckpointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except OSError as e:
+    print(_os_error_line(e, out), file=sys.stderr)
+    return 1
   return 0
+
+
+def _os_error_line(error: OSError, out: pathlib.Path | None) -> str:
+  """One line: what failed, that the checkpoints are intact, and what to do."""
+  what = " ".join(str(error).split())  # tensorstore messages span lines
+  if error.filename is None and error.__traceback__ is not None:
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    what += f" (in {frame.filename}, line {frame.lineno})"
+  resumable = out is not None and (rundir.is_claimed_by_runner(out, "config.json")
+                                   or rundir.is_claimed_by_runner(out, "sweep.json"))
+  then = (f"continue with `python -m experiments.run --resume {out}`" if resumable
+          else "run the same command again")
+  return (f"error: {what}. Checkpoints saved before this are intact (a failed write never "
+          f"replaces a good file); fix the cause (free disk space, check the path and its "
+          f"permissions), then {then}.")
 
 
 def _resume(run_dir: pathlib.Path, overrides: Sequence[str], progress: bool) -> int:
   if (run_dir / "sweep.json").exists():
-    sweep = json.loads((run_dir / "sweep.json").read_text())
+    sweep = rundir.read_json(run_dir / "sweep.json", expect_runner=True)
+    if not (isinstance(sweep, dict) and isinstance(sweep.get("sweep"), str)
+            and isinstance(sweep.get("overrides"), list)):
+      raise RunError(f"{run_dir / 'sweep.json'} names no sweep and its overrides (it was "
+                     "written by run_sweep without a sweep name); resume its runs one by one "
+                     "with --resume <sub-directory>.")
     configs = [config_lib.apply_overrides(c, list(sweep["overrides"]) + list(overrides))
                for c in config_lib.expand(sweep["sweep"])]
     run_sweep(configs, run_dir, resume=True, progress=progress)
@@ -198,7 +321,11 @@ def _resume(run_dir: pathlib.Path, overrides: Sequence[str], progress: bool) -> 
   config_path = run_dir / "config.json"
   if not config_path.exists():
     raise RunError(f"{run_dir} has no config.json: not a run directory of experiments.run")
-  config = ExperimentConfig.from_dict(json.loads(config_path.read_text()))
+  stored = rundir.read_json(config_path, expect_runner=True)
+  try:
+    config = ExperimentConfig.from_dict(stored)
+  except (ValueError, TypeError) as error:
+    raise RunError(f"{config_path} does not hold a valid config: {error}") from None
   run(config_lib.apply_overrides(config, overrides), run_dir, resume=True, progress=progress)
   return 0
 

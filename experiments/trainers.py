@@ -5,7 +5,8 @@ with the population's rewards computed by decoding (Python scoring) and passed
 as ``fitness=``. ``GrpoTrainer``: the GRPO baseline of :mod:`experiments.grpo`
 on the same model and task. Everything random is a function of the config's
 seed and the iteration, so a state restored from a checkpoint continues
-exactly as the uninterrupted run would.
+exactly as the uninterrupted run would. Each step reports ``params_finite``:
+whether the updated params are all finite (the runner stops when they are not).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -23,6 +25,13 @@ from experiments.config import ExperimentConfig
 
 PyTree = Any
 State = dict[str, PyTree]
+
+def all_finite(params: PyTree) -> jax.Array:
+  """Whether every element of every leaf is finite (one fused reduction; a traced bool)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]))
+
+
+_all_finite = jax.jit(all_finite)
 
 SHAPING = {"z_score": es_jax.z_score, "centered_rank": es_jax.centered_rank,
            "identity": es_jax.shaping.identity}
@@ -53,7 +62,8 @@ class EsTrainer:
     @jax.jit
     def apply(params, opt_state, fitness):
       updates, opt_state = self.tx.update(None, opt_state, params, fitness=fitness)
-      return optax.apply_updates(params, updates), opt_state
+      params = optax.apply_updates(params, updates)
+      return params, opt_state, all_finite(params)  # checked inside the update: no extra pass
 
     self._apply = apply
 
@@ -68,10 +78,11 @@ class EsTrainer:
         self.c, es_state, state["params"], indices, population=config.es.population,
         member_chunk=config.es.members_per_decode, prompt_batch=config.prompt_batch,
         max_new_tokens=config.task.max_new_tokens)
-    params, opt_state = self._apply(state["params"], state["opt_state"],
-                                    np.asarray(fitness, np.float32))
+    params, opt_state, finite = self._apply(state["params"], state["opt_state"],
+                                            np.asarray(fitness, np.float32))
     info = {"train_reward": float(np.nanmean(fitness)), "train_reward_max": float(np.nanmax(fitness)),
-            "failed_members": int(np.sum(~np.isfinite(fitness))), "data_position": position}
+            "failed_members": int(np.sum(~np.isfinite(fitness))), "data_position": position,
+            "params_finite": bool(finite)}
     return {"params": params, "opt_state": opt_state}, info
 
 
@@ -101,7 +112,8 @@ class GrpoTrainer:
         reward_fn=reward_fn, eos_ids=c.eos_ids,
         key=jax.random.fold_in(jax.random.key(self.config.seed), iteration))
     info = {"train_reward": out.metrics["reward_mean"], "data_position": position,
-            "kl": out.metrics.get("kl"), "zero_std_groups": out.metrics["zero_std_groups"]}
+            "kl": out.metrics.get("kl"), "zero_std_groups": out.metrics["zero_std_groups"],
+            "params_finite": bool(_all_finite(out.params))}
     return {"params": out.params, "opt_state": out.opt_state}, info
 
 
