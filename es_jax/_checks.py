@@ -67,3 +67,25 @@ def finite_real(name: str, value: Any, *, positive: bool) -> float:
   if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
     raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value}.")
   return value
+
+
+def real_in(name: str, value: Any, *, low: float, high: float = math.inf,
+            low_open: bool = False) -> float:
+  """A finite real number in ``[low, high]`` (``(low, high]`` if ``low_open``).
+
+  Example:
+    >>> real_in("fraction", np.float32(0.25), low=0.0, high=1.0, low_open=True)
+    0.25
+  """
+  value = real(name, value)
+  below = value <= low if low_open else value < low
+  if not math.isfinite(value) or below or value > high:
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+    raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}.")
+  return value
+
+
+def choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+  """Refuses ``value`` unless it is one of ``choices``, listing them."""
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")

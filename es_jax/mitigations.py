@@ -12,7 +12,6 @@ optimizer, so they act on its step, whatever the optimizer is::
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -20,31 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from es_jax import _checks
+
 PyTree = Any
-
-
-def _real(name: str, value: Any, *, low: float, high: float = math.inf,
-          low_open: bool = False) -> float:
-  """``value`` as a Python float after checking it is a finite real number in range.
-
-  Accepts Python and NumPy ints and floats and 0-d arrays (what a config or
-  ``np.float32(...)`` gives); refuses bools, strings, NaN and inf.
-  """
-  if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0:
-    value = value.item()
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}.")
-  value = float(value)
-  below = value <= low if low_open else value < low
-  if not math.isfinite(value) or below or value > high:
-    interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-    raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}.")
-  return value
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-  if value not in choices:
-    raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
 
 
 class AnchoredNormCapState(NamedTuple):
@@ -100,8 +77,8 @@ def anchored_norm_cap(
     >>> optax.apply_updates(params, updates)["w"]  # (3, 4) has norm 5: scaled by 1/5
     Array([0.6, 0.8], dtype=float32)
   """
-  radius = _real("radius", radius, low=0.0, low_open=True)
-  _check_choice("scope", scope, ("global", "per_tensor"))
+  radius = _checks.real_in("radius", radius, low=0.0, low_open=True)
+  _checks.choice("scope", scope, ("global", "per_tensor"))
 
   def init_fn(params):
     source = params if anchor is None else anchor
@@ -211,9 +188,9 @@ def sparsified_updates(
     >>> out["w"]  # |2|, |1|, |3|, |1| accumulated: 3 and 2 are applied
     Array([2., 0., 3., 0.], dtype=float32)
   """
-  fraction = _real("fraction", fraction, low=0.0, high=1.0, low_open=True)
-  _check_choice("scope", scope, ("per_tensor", "global"))
-  _check_choice("residual", residual, ("drop", "carry"))
+  fraction = _checks.real_in("fraction", fraction, low=0.0, high=1.0, low_open=True)
+  _checks.choice("scope", scope, ("per_tensor", "global"))
+  _checks.choice("residual", residual, ("drop", "carry"))
 
   def init_fn(params):
     if residual == "drop":

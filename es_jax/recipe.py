@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Literal
 import jax
 import optax
 
+from es_jax import _checks
 from es_jax import awd
 from es_jax import es
 from es_jax import mitigations
@@ -62,7 +63,7 @@ def _coerce_fields(obj, *, ints=(), optional_ints=(), floats=(), optional_floats
     value = getattr(obj, name)
     if value is None and name in optional_floats:
       continue
-    object.__setattr__(obj, name, mitigations._real(f"{where}.{name}", value, low=-math.inf))
+    object.__setattr__(obj, name, _checks.real_in(f"{where}.{name}", value, low=-math.inf))
   for name in bools:
     if not isinstance(getattr(obj, name), bool):
       raise TypeError(f"{where}.{name} must be a bool, got {getattr(obj, name)!r}.")

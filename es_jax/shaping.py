@@ -195,9 +195,12 @@ def per_prompt_centering(rewards_by_prompt: jax.Array, *, normalize: bool = Fals
                      f"shape {rewards_by_prompt.shape}; for (N,) rewards use z_score or identity.")
   finite = jnp.isfinite(rewards_by_prompt)
   member_valid = finite.all(axis=1)
-  r = jnp.where(finite, rewards_by_prompt, 0.0).astype(jnp.float32)
-  mean, std = jax.vmap(_masked_mean_std, in_axes=(1, None))(r, member_valid)
-  centred = r - mean[None, :]
-  if normalize:
-    centred = centred / (std[None, :] + EPS)
-  return jnp.where(member_valid, centred.mean(axis=1), jnp.nan)
+  r = jnp.where(member_valid[:, None], rewards_by_prompt, 0.0).astype(jnp.float32)
+  # Scale-safe like the other shapings: one power-of-two scale for the whole matrix.
+  x, e = _unit_scaled(r, jnp.broadcast_to(member_valid[:, None], r.shape))
+  per_column = jax.vmap(in_axes=1, out_axes=1, fun=(
+      (lambda col: _standardize(col, member_valid, e)) if normalize else
+      (lambda col: _masked_centered_std(col, member_valid)[0])))
+  centred = per_column(x)
+  fitness = centred.mean(axis=1) if normalize else jnp.ldexp(centred.mean(axis=1), e)
+  return jnp.where(member_valid, fitness, jnp.nan)

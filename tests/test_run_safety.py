@@ -20,7 +20,6 @@ import types
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from experiment_fixtures import (digit_share_reward, make_tiny_checkpoint, short_run_overrides,
