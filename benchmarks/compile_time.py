@@ -69,7 +69,8 @@ def measure(num_layers: int) -> dict[str, Any]:
   def update(state, params, fitness):
     return tx.update(None, state, params, fitness=fitness)
 
-  row: dict[str, Any] = dict(section="compile", model="SmolLM2-135M shape", layers=num_layers,
+  row: dict[str, Any] = dict(section="compile", method="noise and update programs", status="ok",
+                             model="SmolLM2-135M shape", layers=num_layers,
                              leaves=len(jax.tree.leaves(params)),
                              params=sum(x.size for x in jax.tree.leaves(params)),
                              population=POPULATION)
