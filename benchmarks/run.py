@@ -59,6 +59,14 @@ b. ES iteration (``iteration``; :mod:`benchmarks.iteration`): generate
 
 c. Memory: the ``peak MB`` and ``XLA MB`` columns of a and b.
 
+e. Compile time against depth (``compile``; :mod:`benchmarks.compile_time`):
+   the ES noise program (``vmap(member_noise)`` over 16 members) and update
+   program (``es_step(None, rank=1, freeze=("embed",))`` + sgd) of the
+   SmolLM2-135M shape at 2, 8 and 30 layers (``--quick``: 2 and 8), abstract
+   params, each depth in a fresh process. ``compile s`` is wall time; ``CPU s``
+   (this process's CPU time) moves less with other processes' load;
+   ``fusions`` is the number of XLA:CPU kernels, one LLVM compile each.
+
 d. AWD overhead (``awd``): an ``es_step`` generation (teacher-forced reward of
    a, plus sgd, applied) with and without ``anchored_weight_decay`` chained,
    on the largest model at N=32 (AWD costs O(params), the step O(N x T x
@@ -78,7 +86,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from benchmarks import common, forward, iteration, report
+from benchmarks import common, compile_time, forward, iteration, report
 from benchmarks.forward import Size
 from benchmarks.iteration import Task
 
@@ -99,6 +107,7 @@ class Grid:
   max_repeats: int
   budget_s: float  # timed seconds per program per comparison (sets its rounds)
   max_call_s: float  # full-rank / evosax cells estimated to take longer are not run
+  compile_layers: tuple[int, ...] = compile_time.LAYERS  # part e's depths
 
 
 FULL = Grid(
@@ -115,7 +124,7 @@ QUICK = Grid(
     sizes=(Size(64, 128, 1, 2, 256),), populations=(8, 32), tokens=16,
     profile_population=32, iteration_cells=((0, 8),),
     task=Task(prompts=2, prompt_tokens=8, new_tokens=4), awd_cells=((0, 8),), max_repeats=1,
-    budget_s=5.0, max_call_s=20.0)
+    budget_s=5.0, max_call_s=20.0, compile_layers=(2, 8))
 
 
 # --------------------------------------------------------------------------- part a
@@ -261,6 +270,16 @@ def run_awd(grid: Grid, probe: common.MemoryProbe) -> list[Row]:
   return rows
 
 
+def compile_table(rows: list[Row]) -> str:
+  cells = [r for r in rows if r["section"] == "compile"]
+  return common.markdown_table(
+      ["model", "layers", "leaves", "program", "compile s", "CPU s", "fusions", "lower s"],
+      [[r["model"], r["layers"], r["leaves"], program, f"{r[program + '_compile_s']:.1f}",
+        f"{r[program + '_compile_cpu_s']:.1f}", r[program + "_fusions"],
+        f"{r[program + '_lower_s']:.1f}"]
+       for program in ("noise", "update") for r in cells])
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -298,7 +317,9 @@ def markdown(results: dict[str, Any]) -> str:
       f"{grid['task']['prompts']} prompts of {grid['task']['prompt_tokens']} tokens per member, "
       "score, update)",
       report.iteration_table(rows),
-      "## d. Anchored weight decay overhead", report.awd_table(rows)]
+      "## d. Anchored weight decay overhead", report.awd_table(rows),
+      f"## e. Compile time against depth (SmolLM2-135M shape, N={compile_time.POPULATION})",
+      compile_table(rows)]
   return "\n\n".join(sections) + "\n"
 
 
@@ -328,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--wait-load", type=float, default=None,
                       help="first wait until the 1-minute load average is below this")
   parser.add_argument("--wait-max-s", type=float, default=900.0, help="longest wait for idle")
-  parser.add_argument("--parts", default="a,b,d", help="comma-separated subset of a,b,d")
+  parser.add_argument("--parts", default="a,b,d,e", help="comma-separated subset of a,b,d,e")
   parser.add_argument("--sizes", default=None,
                       help="part a only: comma-separated indices of the grid's model sizes")
   args = parser.parse_args(argv)
@@ -353,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     rows += run_iteration(grid, probe)
   if "d" in parts:
     rows += run_awd(grid, probe)
+  if "e" in parts:
+    rows += compile_time.sweep(grid.compile_layers, log=common.log)
   results = dict(
       command=shlex.join(["python", "-m", "benchmarks.run", *(sys.argv[1:] if argv is None
                                                               else argv)]),

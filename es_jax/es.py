@@ -38,7 +38,7 @@ class EsState(NamedTuple):
   Attributes:
     count: generation counter; generation ``count`` uses noise folded from it.
     rng_key: base key; the noise of a generation is a pure function of
-      ``(rng_key, count, member, leaf path)``.
+      ``(rng_key, count, member)`` and the params' static layout.
     rewards: raw rewards of the last generation, shape ``(population,)``.
     num_failed: how many of them were NaN/inf.
     config: static settings (no array leaves), so that :func:`member_params`
@@ -85,8 +85,9 @@ def es_step(
 
   Noise: EGGROLL low-rank ``eps = A B^T / sqrt(rank)`` for matrix leaves
   (``rank=None`` gives full-rank Gaussian noise, i.e. vanilla ES), full-rank
-  or frozen for vectors, regenerated from ``(key, count, member, path)`` and
-  never stored; see :mod:`es_jax.noise` for the conventions. Fresh noise every
+  or frozen for vectors, regenerated from ``(key, count, member)`` and the
+  tree's static layout (one draw per group of same-shape leaves) and never
+  stored; see :mod:`es_jax.noise` for the conventions. Fresh noise every
   generation; antithetic pairs by default.
 
   Rewards come from one of:

@@ -1,4 +1,4 @@
-"""Perturbation noise: a pure function of (key, generation, member, parameter path).
+"""Perturbation noise: a pure function of (key, generation, member, the tree's layout).
 
 Nothing here stores noise for a population. Every function regenerates what it
 needs from the key, so the forward pass and the update see the same noise, and
@@ -7,7 +7,8 @@ memory stays at one chunk of members at a time.
 Conventions (documented once here, used everywhere):
   * Member ``i`` perturbs the parameters to ``theta + sigma * eps_i``.
   * With antithetic sampling, members ``2k`` and ``2k + 1`` share the draw of
-    pair ``k`` with signs ``+1`` and ``-1``.
+    pair ``k`` with signs ``+1`` and ``-1`` (exact negatives). Without it,
+    member ``i`` is pair ``i``.
   * Low-rank (EGGROLL) noise for a matrix leaf ``W`` of shape ``(m, n)`` is
     ``eps = A B^T / sqrt(r)`` with ``A ~ N(0, 1)^{m x r}`` and
     ``B ~ N(0, 1)^{n x r}``; each element of ``eps`` has unit variance, so
@@ -17,6 +18,18 @@ Conventions (documented once here, used everywhere):
     ``(d_in, *features)`` as in :class:`es_jax.Dense`.
   * Vectors (and scalars) get full-rank noise by default or are frozen.
   * Leaves whose '/'-joined path matches a ``freeze`` regex get no noise.
+  * Drawing (the static layout): the perturbed leaves are grouped by kind and
+    shape (:func:`layout`); a group holds its leaves in tree-flatten order.
+    Pair ``k`` of generation ``g`` draws each group with ONE call,
+    ``normal(fold_in(fold_in(fold_in(key, g), k), tag), shape)``, where
+    ``tag`` is the crc32 of the group's name (e.g. ``'lowrank:576x1536'``)
+    and ``shape`` is ``(G, m + n, r)`` for a low-rank group of ``G`` leaves
+    (leaf ``j`` takes ``A = z[j, :m]``, ``B = z[j, m:]``) or ``(G, *shape)``
+    for a full-rank group. So a leaf's noise depends on the key, the
+    generation, its pair and its place in its group (which leaves share its
+    kind and shape), never on how members are chunked or sharded or on the
+    device count; and the number of random draws (hence compile time) does
+    not grow with depth: a 30-layer decoder has as many groups as a 2-layer one.
 """
 
 from __future__ import annotations
@@ -181,10 +194,79 @@ def matrix_shape(shape: tuple[int, ...]) -> tuple[int, int]:
   return shape[0], math.prod(shape[1:])
 
 
-def _leaf_key(key: jax.Array, generation, path: str) -> jax.Array:
-  # crc32 is stable across processes and Python runs (unlike hash()).
-  path_id = zlib.crc32(path.encode()) & 0x7FFFFFFF
-  return jax.random.fold_in(jax.random.fold_in(key, generation), path_id)
+class Group(NamedTuple):
+  """The perturbed leaves of one kind and shape: drawn together, by one normal call per pair.
+
+  Attributes:
+    kind: ``"lowrank"`` or ``"full"``.
+    shape: the shape of each of its leaves.
+    leaves: the leaves' positions in tree-flatten order.
+    paths: their '/'-joined paths, in the same order.
+  """
+
+  kind: LeafKind
+  shape: tuple[int, ...]
+  leaves: tuple[int, ...]
+  paths: tuple[str, ...]
+
+  @property
+  def name(self) -> str:
+    return f"{self.kind}:{'x'.join(map(str, self.shape))}"
+
+  @property
+  def tag(self) -> int:
+    """The group's key salt: crc32 is stable across processes and Python runs (unlike hash())."""
+    return zlib.crc32(self.name.encode()) & 0x7FFFFFFF
+
+  def draw_shape(self, rank: int | None) -> tuple[int, ...]:
+    """Shape of one pair's normals: ``(G, m + n, r)`` (rows of A then of B) or ``(G, *shape)``."""
+    if self.kind == "lowrank":
+      m, n = matrix_shape(self.shape)
+      return (len(self.leaves), m + n, rank)
+    return (len(self.leaves), *self.shape)
+
+  def sum_shape(self) -> tuple[int, ...]:
+    """Shape of the group's stacked weighted sum: ``(G, m, n)`` or ``(G, *shape)``."""
+    if self.kind == "lowrank":
+      return (len(self.leaves), *matrix_shape(self.shape))
+    return (len(self.leaves), *self.shape)
+
+
+class Layout(NamedTuple):
+  """The static part of a tree's noise: its structure and its groups (:func:`layout`)."""
+
+  treedef: Any
+  num_leaves: int
+  groups: tuple[Group, ...]
+
+
+def layout(spec: NoiseSpec, params: PyTree) -> Layout:
+  """Groups ``params``' perturbed leaves by kind and shape, in order of first appearance.
+
+  Raises (via :func:`leaf_kind`) if ``spec.rank`` is too large for a leaf.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> spec = NoiseSpec(population=2, sigma=1.0, freeze=("emb",))
+    >>> params = {"a": jnp.zeros((3, 4)), "b": jnp.zeros(4), "c": jnp.zeros((3, 4)),
+    ...           "emb": jnp.zeros((9, 3))}
+    >>> [(g.name, g.paths) for g in layout(spec, params).groups]
+    [('lowrank:3x4', ('a', 'c')), ('full:4', ('b',))]
+  """
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  members: dict[tuple[str, tuple[int, ...]], list[tuple[int, str]]] = {}
+  for index, (path, x) in enumerate(leaves):
+    path, shape = path_str(path), tuple(x.shape)
+    kind = leaf_kind(spec, path, shape)
+    if kind != "frozen":
+      members.setdefault((kind, shape), []).append((index, path))
+  groups = tuple(Group(kind, shape, tuple(i for i, _ in group), tuple(p for _, p in group))
+                 for (kind, shape), group in members.items())
+  tags = [g.tag for g in groups]
+  if len(set(tags)) != len(tags):  # Two names with one crc32: never seen, but never silent.
+    raise ValueError(f"noise groups {[g.name for g in groups]} collide in crc32; "
+                     "freeze or reshape one of the colliding leaves.")
+  return Layout(treedef, len(leaves), groups)
 
 
 def pair_of(spec: NoiseSpec, member) -> tuple[jax.Array, jax.Array]:
@@ -195,19 +277,16 @@ def pair_of(spec: NoiseSpec, member) -> tuple[jax.Array, jax.Array]:
   return member, jnp.ones_like(member)
 
 
-def draw(spec: NoiseSpec, key, generation, path: str, shape, pair):
-  """Unit-variance noise of one leaf for one pair: an array, LowRank(a, b, 1/sqrt(r)), or None."""
-  kind = leaf_kind(spec, path, tuple(shape))
-  if kind == "frozen":
-    return None
-  leaf_key = jax.random.fold_in(_leaf_key(key, generation, path), pair)
-  if kind == "full":
-    return jax.random.normal(leaf_key, shape, jnp.float32)
-  m, n = matrix_shape(tuple(shape))
-  key_a, key_b = jax.random.split(leaf_key)
-  a = jax.random.normal(key_a, (m, spec.rank), jnp.float32)
-  b = jax.random.normal(key_b, (n, spec.rank), jnp.float32)
-  return LowRank(a, b, jnp.float32(1.0 / math.sqrt(spec.rank)))
+def draw_pair(spec: NoiseSpec, key, generation, tree_layout: Layout, pair) -> tuple[jax.Array, ...]:
+  """Unit-variance normals of every group for one pair: one ``jax.random.normal`` call per group.
+
+  Shapes are :meth:`Group.draw_shape`; see the module docstring for the keys.
+  """
+  pair_key = jax.random.fold_in(jax.random.fold_in(key, generation), pair)
+  return tuple(
+      jax.random.normal(jax.random.fold_in(pair_key, group.tag), group.draw_shape(spec.rank),
+                        jnp.float32)
+      for group in tree_layout.groups)
 
 
 def _is_noise_leaf(x) -> bool:
@@ -223,16 +302,22 @@ def member_noise(spec: NoiseSpec, key, generation, params: PyTree, member) -> Py
   """
   pair, sign = pair_of(spec, member)
   scale = sign.astype(jnp.float32) * spec.sigma
-
-  def leaf(path, x):
-    noise = draw(spec, key, generation, path_str(path), x.shape, pair)
-    if noise is None:
-      return None
-    if isinstance(noise, LowRank):
-      return noise._replace(scale=noise.scale * scale)
-    return noise * scale
-
-  return jax.tree_util.tree_map_with_path(leaf, params)
+  tree_layout = layout(spec, params)
+  noise = [None] * tree_layout.num_leaves
+  for group, z in zip(tree_layout.groups, draw_pair(spec, key, generation, tree_layout, pair)):
+    if group.kind == "lowrank":
+      # A fusion boundary: the factors are materialised once. Without it XLA:CPU
+      # fuses the sampler into the ops that apply b in (x a) b^T and recomputes
+      # it for every token and sign.
+      z = jax.lax.optimization_barrier(z)
+      m, _ = matrix_shape(group.shape)
+      lowrank_scale = scale / math.sqrt(spec.rank)
+      for j, index in enumerate(group.leaves):
+        noise[index] = LowRank(z[j, :m], z[j, m:], lowrank_scale)
+    else:
+      for j, index in enumerate(group.leaves):
+        noise[index] = z[j] * scale
+  return jax.tree_util.tree_unflatten(tree_layout.treedef, noise)
 
 
 def scale_noise(noise: PyTree, factor) -> PyTree:
@@ -263,13 +348,20 @@ def perturb(params: PyTree, noise: PyTree) -> PyTree:
       noise, params, is_leaf=_is_noise_leaf)
 
 
+# Full-rank groups of more pair-chunk normals than this are reduced one pair per
+# device at a time when no chunk_size is given, so that the update of a
+# full-rank population does not hold every pair's copy of the weights at once.
+_FULL_RANK_BYTES_AT_ONCE = 64 * 2**20
+
+
 def weighted_sum(spec: NoiseSpec, key, generation, params: PyTree, pair_weights: jax.Array,
                  *, chunk_size: int | None = None, population_axis: str | None = None) -> PyTree:
   """``sum_k w_k eps_k`` over pairs (unit noise, no sigma), shaped like ``params``.
 
-  Low-rank leaves are reduced as ``A^T diag(w) B`` by one einsum per chunk of
-  pairs, so no ``(pairs, m, n)`` array is formed; full-rank leaves accumulate
-  chunk by chunk. Frozen leaves get zeros.
+  Reduced per group of same-shape leaves (:func:`layout`), not per leaf: a
+  low-rank group is ``A^T diag(w) B`` by one batched einsum per chunk of pairs
+  over its stacked ``(G, m, n)`` leaves, so no ``(pairs, m, n)`` array is
+  formed; a full-rank group accumulates chunk by chunk. Frozen leaves get zeros.
 
   Args:
     spec: the population's noise.
@@ -277,35 +369,60 @@ def weighted_sum(spec: NoiseSpec, key, generation, params: PyTree, pair_weights:
     params: tree of arrays or ``ShapeDtypeStruct`` giving shapes and dtypes.
     pair_weights: ``(spec.num_pairs,)`` weights.
     chunk_size: at most this many pairs per chunk (the largest divisor of
-      ``num_pairs`` that divides it); ``None`` = all at once.
+      ``num_pairs`` that divides it); ``None`` = all at once, except large
+      full-rank groups, which then go one pair per device at a time.
     population_axis: mesh axis to split each chunk's pairs over (see
       :mod:`es_jax.sharding`); every device reduces its share, then one all-reduce.
   """
   num_pairs = spec.num_pairs
+  tree_layout = layout(spec, params)
+  leaves = jax.tree.leaves(params)
   chunk = num_pairs if chunk_size is None else math.gcd(chunk_size, num_pairs)
-  pair_ids = jnp.arange(num_pairs, dtype=jnp.int32).reshape(-1, chunk)
+  together = [g for g in tree_layout.groups if g.kind == "lowrank"]
+  full = [g for g in tree_layout.groups if g.kind == "full"]
+  full_bytes = 4 * chunk * sum(math.prod(g.draw_shape(None)) for g in full)
+  if chunk_size is None and full_bytes > _FULL_RANK_BYTES_AT_ONCE:
+    devices = sharding.axis_size(population_axis)
+    passes = [(together, chunk), (full, devices if num_pairs % devices == 0 else 1)]
+  else:
+    passes = [(together + full, chunk)]
+  totals = {}
+  for groups, pairs_per_chunk in passes:
+    if groups:
+      sums = _reduce_groups(spec, key, generation, groups, pair_weights, pairs_per_chunk,
+                            population_axis)
+      totals.update(zip((g.name for g in groups), sums))
+  out = [jnp.zeros(x.shape, x.dtype) for x in leaves]
+  for group in tree_layout.groups:
+    for j, index in enumerate(group.leaves):
+      x = leaves[index]
+      out[index] = totals[group.name][j].reshape(x.shape).astype(x.dtype)
+  return jax.tree_util.tree_unflatten(tree_layout.treedef, out)
+
+
+def _reduce_groups(spec: NoiseSpec, key, generation, groups: list[Group], pair_weights, chunk: int,
+                   population_axis: str | None) -> tuple[jax.Array, ...]:
+  """Stacked weighted sums of ``groups`` (each :meth:`Group.sum_shape`), ``chunk`` pairs at a time."""
+  pair_ids = jnp.arange(spec.num_pairs, dtype=jnp.int32).reshape(-1, chunk)
   weights = pair_weights.astype(jnp.float32).reshape(-1, chunk)
+  sub_layout = Layout(None, 0, tuple(groups))
 
-  def leaf(path, x):
-    path = path_str(path)
-    kind = leaf_kind(spec, path, tuple(x.shape))
-    if kind == "frozen":
-      return jnp.zeros(x.shape, x.dtype)
-
-    def body(total, ids_and_w):
-      ids, w = ids_and_w
-      ids = sharding.shard_population(ids, population_axis)
-      w = sharding.shard_population(w, population_axis)
-      noise = jax.vmap(lambda p: draw(spec, key, generation, path, x.shape, p))(ids)
-      out = sharding.reduced_sharding(population_axis)
-      if kind == "lowrank":
-        part = jnp.einsum("kmr,k,knr->mn", noise.a, w, noise.b, out_sharding=out)
-        part = part.reshape(x.shape) / math.sqrt(spec.rank)
+  def body(totals, ids_and_w):
+    ids, w = ids_and_w
+    ids = sharding.shard_population(ids, population_axis)
+    w = sharding.shard_population(w, population_axis)
+    draws = jax.vmap(lambda p: draw_pair(spec, key, generation, sub_layout, p))(ids)
+    out = sharding.reduced_sharding(population_axis)
+    parts = []
+    for group, z in zip(groups, draws):
+      if group.kind == "lowrank":
+        m, _ = matrix_shape(group.shape)
+        part = jnp.einsum("kgmr,k,kgnr->gmn", z[:, :, :m], w, z[:, :, m:], out_sharding=out)
+        parts.append(part / math.sqrt(spec.rank))
       else:
-        part = jnp.einsum("k,k...->...", w, noise, out_sharding=out)
-      return total + part, None
+        parts.append(jnp.einsum("k,kg...->g...", w, z, out_sharding=out))
+    return tuple(t + p for t, p in zip(totals, parts)), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros(x.shape, jnp.float32), (pair_ids, weights))
-    return total.astype(x.dtype)
-
-  return jax.tree_util.tree_map_with_path(leaf, params)
+  init = tuple(jnp.zeros(g.sum_shape(), jnp.float32) for g in groups)
+  totals, _ = jax.lax.scan(body, init, (pair_ids, weights))
+  return totals

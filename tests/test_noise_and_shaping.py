@@ -1,13 +1,16 @@
 """Noise generation and fitness shaping against NumPy float64 references."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from es_jax import noise as nl
 from es_jax import shaping
 
+# "dense" and "twin" share a shape, hence one noise group and one draw per pair.
 PARAMS = {"dense": {"kernel": jnp.zeros((13, 17)), "bias": jnp.zeros((17,))},
+          "twin": {"kernel": jnp.zeros((13, 17))},
           "einsum": {"kernel": jnp.zeros((5, 3, 7))},
           "embed": {"embedding": jnp.zeros((11, 5))}}
 
@@ -28,6 +31,49 @@ def test_lowrank_noise_has_rank_r_unit_variance_and_axis_rule():
   many = np.stack([_dense_member(spec, jax.random.key(0), g, 0)["dense"]["kernel"]
                    for g in range(60)])
   assert abs(many.var() - 1.0) < 0.1  # A B^T / sqrt(r) has unit-variance elements.
+  # Leaves drawn in one call are still independent: a twin's noise is uncorrelated.
+  twins = np.stack([_dense_member(spec, jax.random.key(0), g, 0)["twin"]["kernel"]
+                    for g in range(60)])
+  assert abs(np.corrcoef(many.ravel(), twins.ravel())[0, 1]) < 0.05
+
+
+def _count_primitive(jaxpr, name) -> int:
+  """Equations of primitive ``name`` in ``jaxpr``, inside nested jits and loops too."""
+  total = 0
+  for eqn in jaxpr.eqns:
+    total += eqn.primitive.name == name
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          total += _count_primitive(sub.jaxpr, name)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          total += _count_primitive(sub, name)
+  return total
+
+
+def _toy_decoder(num_layers):
+  layer = {"q": jnp.zeros((8, 8)), "up": jnp.zeros((8, 12)), "down": jnp.zeros((12, 8)),
+           "norm": jnp.zeros((8,))}
+  return {"embed": jnp.zeros((50, 8)), **{f"layers_{i}": layer for i in range(num_layers)}}
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_random_draws_do_not_grow_with_depth(rank):
+  # Compile time on CPU grows with the number of threefry calls; a deeper model
+  # of the same shapes must draw with the same calls (and reduce with the same
+  # einsums), whatever its number of leaves.
+  spec = nl.NoiseSpec(population=4, sigma=1.0, rank=rank, freeze=("embed",))
+
+  def count(fn, num_layers, primitive):
+    return _count_primitive(jax.make_jaxpr(fn)(_toy_decoder(num_layers)).jaxpr, primitive)
+
+  draw = lambda p: jax.vmap(lambda i: nl.member_noise(spec, jax.random.key(0), 0, p, i))(
+      jnp.arange(4))
+  reduce = lambda p: nl.weighted_sum(spec, jax.random.key(0), 0, p, jnp.ones(2))
+  for fn, primitive in ((draw, "random_bits"), (reduce, "random_bits"),
+                        (reduce, "dot_general")):
+    shallow, deep = count(fn, 2, primitive), count(fn, 12, primitive)
+    assert 0 < shallow == deep, (primitive, shallow, deep)
 
 
 def test_noise_is_pure_fresh_per_generation_and_antithetic():
@@ -55,7 +101,11 @@ def test_freeze_and_vector_policy():
 
 @pytest.mark.parametrize("rank", [None, 1, 3])
 @pytest.mark.parametrize("antithetic", [True, False])
-def test_weighted_sum_equals_dense_sum_over_members(rank, antithetic):
+@pytest.mark.parametrize("full_rank_pair_by_pair", [False, True])
+def test_weighted_sum_equals_dense_sum_over_members(rank, antithetic, full_rank_pair_by_pair,
+                                                    monkeypatch):
+  if full_rank_pair_by_pair:  # As for a large model: full-rank groups reduced one pair at a time.
+    monkeypatch.setattr(nl, "_FULL_RANK_BYTES_AT_ONCE", 0)
   spec = nl.NoiseSpec(population=8, sigma=0.3, rank=rank, antithetic=antithetic)
   key = jax.random.key(1)
   member_weights = np.random.default_rng(0).normal(size=8)

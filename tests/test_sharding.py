@@ -16,17 +16,11 @@ from jax.sharding import AxisType
 import es_fixtures
 
 
-def _assert_close_at_leaf_scale(got, want):
-  """Equal to float32 round-off of a sum of N member terms, judged per leaf.
-
-  An element that cancels to ~0 keeps the absolute rounding error of its
-  summands, whose size is the leaf's scale, not the element's: sharding changes
-  the summation order, so the allowed error is relative to ``max |leaf|``.
-  """
-  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
-    w = np.asarray(w)
-    np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-5 * np.abs(w).max(),
-                               err_msg=jax.tree_util.keystr(path))
+def _atol(want):
+  # Entries reach ~10 and are sums over 32 members of terms of that size, summed in
+  # another order on each device: float32 rounding leaves ~1e-6 of the largest
+  # entry, so small entries are compared at that absolute scale.
+  return 3e-6 * max(float(np.max(np.abs(x))) for x in jax.tree.leaves(want))
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
@@ -39,7 +33,7 @@ def test_eight_devices_match_one(axis_type):
     got, state = update(None, es.init(params), params, batch=x)
     hlo = update.lower(None, es.init(params), params, batch=x).compile().as_text()
   chex.assert_trees_all_close(state.rewards, want_rewards, rtol=1e-5)
-  _assert_close_at_leaf_scale(got, want)
+  chex.assert_trees_all_close(got, want, rtol=1e-4, atol=_atol(want))
   # 8 antithetic pairs per chunk of 16 members: each device draws 1 pair and
   # evaluates its 2 members; the update is all-reduced.
   assert "f32[1,2,9,11]" in hlo and "f32[8,2,9,11]" not in hlo
@@ -56,7 +50,10 @@ def test_two_processes_match_one(tmp_path):
   worker = Path(__file__).with_name("multiprocess_worker.py")
   out = tmp_path / "update.npz"
   port = _free_port()
-  env = {**os.environ, "PYTHONPATH": str(worker.parent), "XLA_FLAGS": ""}
+  # The workers import the es_jax this test imported (a checkout on PYTHONPATH, not
+  # whatever is installed), so both sides draw the same noise.
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(worker.parent), *sys.path]),
+         "XLA_FLAGS": ""}
   procs = [subprocess.Popen([sys.executable, str(worker), str(port), str(i), str(out)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
@@ -65,6 +62,5 @@ def test_two_processes_match_one(tmp_path):
   got = np.load(out)
   want, want_rewards = es_fixtures.single_device_update()
   np.testing.assert_allclose(got["rewards"], want_rewards, rtol=1e-5)
-  _assert_close_at_leaf_scale(
-      [got[jax.tree_util.keystr(path)] for path, _ in jax.tree_util.tree_leaves_with_path(want)],
-      jax.tree.leaves(want))
+  for path, leaf in jax.tree_util.tree_leaves_with_path(want):
+    np.testing.assert_allclose(got[jax.tree_util.keystr(path)], leaf, rtol=1e-4, atol=_atol(want))
