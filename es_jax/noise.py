@@ -49,6 +49,11 @@ from es_jax import sharding
 
 PyTree = Any
 LeafKind = Literal["lowrank", "full", "frozen"]
+# Which drawing rule the docstring above describes. Bump it with any change that gives a
+# member other noise for the same (key, generation, member, layout): ES patches store it,
+# and replaying a history under another rule would silently give other weights.
+# 1: one draw per leaf; 2: one draw per (kind, shape) group.
+NOISE_CONVENTION = 2
 _F32 = np.finfo(np.float32)
 
 

@@ -14,7 +14,8 @@ File layout (version 1, integers little-endian)::
                          recipe, recipe_sha256 (sha256 of its canonical JSON),
                          base: sha256 of theta_0 (see :func:`params_sha256`),
                                tensors [[path, dtype, shape], ...],
-                         generations G, population N, metadata (free-form JSON)
+                         generations G, population N, noise_convention
+                         (:data:`es_jax.noise.NOISE_CONVENTION`), metadata (free-form JSON)
   20 + H     4*G*N     fitness history, float32 little-endian, row-major
   end - 32   32 bytes  sha256 of every byte before it
 
@@ -115,7 +116,7 @@ class Patch:
             "base": {"sha256": self.base_sha256,
                      "tensors": [[p, d, list(s)] for p, d, s in self.base_tensors]},
             "generations": self.generations, "population": self.fitness_history.shape[1],
-            "metadata": self.metadata}
+            "noise_convention": noise_lib.NOISE_CONVENTION, "metadata": self.metadata}
 
   def to_bytes(self) -> bytes:
     header = json.dumps(self.header(), sort_keys=True, separators=(",", ":"),
@@ -156,6 +157,11 @@ class Patch:
       base_sha256, metadata = str(base["sha256"]), dict(header["metadata"])
     except (ValueError, KeyError, TypeError) as e:
       raise PatchError(f"{source} has an invalid header: {e}") from None
+    if header.get("noise_convention") != noise_lib.NOISE_CONVENTION:
+      raise PatchError(f"{source} was written under noise convention "
+                       f"{header.get('noise_convention')!r}; this es_jax draws member noise "
+                       f"under convention {noise_lib.NOISE_CONVENTION}, so replaying it would give "
+                       "other weights. Apply it with the es_jax version that wrote it.")
     if recipe.fingerprint() != header["recipe_sha256"]:
       raise PatchError(f"{source}'s recipe does not match its fingerprint: written by an es_jax "
                        "that serialises recipes differently.")

@@ -135,6 +135,17 @@ def test_wrong_base_is_refused():
     es_jax.apply_patch(patch, {**THETA0, "extra": jnp.zeros(2)})
 
 
+def test_patch_from_another_noise_convention_is_refused(monkeypatch):
+  # A history only means something under the noise rule it was recorded with.
+  patch = es_jax.make_patch(QIU_AWD, THETA0, np.zeros((1, 16), np.float32))
+  monkeypatch.setattr(es_jax.noise, "NOISE_CONVENTION", es_jax.noise.NOISE_CONVENTION - 1)
+  older = patch.to_bytes()
+  monkeypatch.undo()
+  with pytest.raises(es_jax.PatchError, match="noise convention 1; this es_jax draws"):
+    es_jax.Patch.from_bytes(older)
+  es_jax.Patch.from_bytes(patch.to_bytes())
+
+
 @pytest.fixture(scope="module")
 def patch_bytes():
   history = np.arange(3 * 16, dtype=np.float32).reshape(3, 16)

@@ -61,6 +61,18 @@ def _listing(items, *, sep: str | None = None) -> str:
   return f"first {_MAX_LISTED}: {text} ... and {len(items) - _MAX_LISTED} more"
 
 
+def mismatch_lines(header: str, *, missing, unexpected, misshaped, noun: str = "keys") -> list[str]:
+  """An error's lines for names missing, unexpected or mis-shaped (each list capped); [] if none."""
+  if not (missing or unexpected or misshaped):
+    return []
+  lines = [header]
+  for what, items in (("missing", missing), ("unexpected", unexpected),
+                      ("mis-shaped", misshaped)):
+    if items:
+      lines.append(f"  {what} {noun} ({len(items)}): {_listing(items)}")
+  return lines
+
+
 def _read_json_object(file: pathlib.Path) -> dict[str, Any]:
   """A JSON file that must hold an object; any other content is a CheckpointError naming it."""
   try:
@@ -285,14 +297,9 @@ def validate_checkpoint(path: str | os.PathLike, config: ModelConfig) -> dict[st
       misshaped.append(f"{key}: checkpoint {shape}, expected {mapping[key].hf_shape}")
     where[key] = file
   missing = [k for k in mapping if k not in where]
-  if missing or unexpected or misshaped:
-    lines = [f"checkpoint {path} does not match the {config.family} config:"]
-    if missing:
-      lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
-    if unexpected:
-      lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-    if misshaped:
-      lines.append(f"  mis-shaped keys ({len(misshaped)}): {_listing(misshaped)}")
+  lines = mismatch_lines(f"checkpoint {path} does not match the {config.family} config:",
+                         missing=missing, unexpected=unexpected, misshaped=misshaped)
+  if lines:
     lines.append("Check that config.json belongs to these weights (tie_word_embeddings, "
                  "num_key_value_heads, head_dim, biases).")
     raise CheckpointError("\n".join(lines))

@@ -40,7 +40,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import PreTrainedTokenizerFast
 
 from es_jax.models import sharding
-from es_jax.models.checkpoint import CheckpointError, param_mapping
+from es_jax.models.checkpoint import CheckpointError, mismatch_lines, param_mapping
 from es_jax.models.config import ModelConfig
 from es_jax.models.transformer import Transformer
 
@@ -316,14 +316,10 @@ def _plan(reader: gguf.GGUFReader, config: ModelConfig):
         f"{' ...' if len(unsupported) > 4 else ''}); es_jax dequantises "
         f"{sorted(q.name for q in SUPPORTED_TYPES)}. Re-quantise with llama.cpp's llama-quantize "
         "(e.g. to Q8_0) or load the Hugging Face checkpoint.")
-  if missing or unexpected or misshaped:
-    lines = ["GGUF tensors do not match the llama config of its metadata:"]
-    if missing:
-      lines.append(f"  missing tensors ({len(missing)}): {missing}")
-    if unexpected:
-      lines.append(f"  unexpected tensors ({len(unexpected)}): {unexpected}")
-    if misshaped:
-      lines.append(f"  mis-shaped tensors ({len(misshaped)}): {misshaped}")
+  lines = mismatch_lines("GGUF tensors do not match the llama config of its metadata:",
+                         missing=missing, unexpected=unexpected, misshaped=misshaped,
+                         noun="tensors")
+  if lines:
     raise GGUFError("\n".join(lines))
   return plan
 
