@@ -1,4 +1,4 @@
-"""Part c: compile time of the ES noise and update programs against depth.
+"""Part e: compile time of the ES noise and update programs against depth.
 
 The model is the SmolLM2-135M shape (vocab 49,152, hidden 576, 9 query / 3
 key-value heads of 64, MLP 1,536, tied embedding) at 2, 8 and 30 layers; the

@@ -306,6 +306,19 @@ def validate_checkpoint(path: str | os.PathLike, config: ModelConfig) -> dict[st
   return where
 
 
+def place_tensor(params: dict, m: Any, host: np.ndarray, *, mesh: jax.sharding.Mesh | None,
+                 axis_size: int) -> None:
+  """Puts one converted tensor at ``m.path`` in ``params``, sharded by its rule on ``mesh``."""
+  target = None
+  if mesh is not None:
+    spec = sharding.spec_for("/".join(m.path), m.shape, axis_size=axis_size)
+    target = jax.sharding.NamedSharding(mesh, spec)
+  node = params
+  for part in m.path[:-1]:
+    node = node.setdefault(part, {})
+  node[m.path[-1]] = jax.device_put(host, target)
+
+
 def load_params(path: str | os.PathLike, config: ModelConfig, *, dtype: Any = None,
                 mesh: jax.sharding.Mesh | None = None) -> PyTree:
   """Reads a local safetensors checkpoint into Flax params, tensor by tensor.
@@ -347,14 +360,7 @@ def load_params(path: str | os.PathLike, config: ModelConfig, *, dtype: Any = No
           raise _unreadable(file, e, key) from e
         host = m.to_flax(tensor).astype(dtype)
         del tensor
-        target = None
-        if mesh is not None:
-          spec = sharding.spec_for("/".join(m.path), m.shape, axis_size=size)
-          target = jax.sharding.NamedSharding(mesh, spec)
-        node = params
-        for part in m.path[:-1]:
-          node = node.setdefault(part, {})
-        node[m.path[-1]] = jax.device_put(host, target)
+        place_tensor(params, m, host, mesh=mesh, axis_size=size)
         del host  # the device copy is the only one kept
   return params
 

@@ -40,7 +40,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import PreTrainedTokenizerFast
 
 from es_jax.models import sharding
-from es_jax.models.checkpoint import CheckpointError, mismatch_lines, param_mapping
+from es_jax.models.checkpoint import CheckpointError, mismatch_lines, param_mapping, place_tensor
 from es_jax.models.config import ModelConfig
 from es_jax.models.transformer import Transformer
 
@@ -344,14 +344,7 @@ def _read_params(reader: gguf.GGUFReader, config: ModelConfig, dtype: Any,
   params: dict[str, Any] = {}
   for tensor, m in _plan(reader, config):
     host = m.to_flax(_hf_array(tensor, config)).astype(dtype)
-    target = None
-    if mesh is not None:
-      target = jax.sharding.NamedSharding(
-          mesh, sharding.spec_for("/".join(m.path), m.shape, axis_size=size))
-    node = params
-    for part in m.path[:-1]:
-      node = node.setdefault(part, {})
-    node[m.path[-1]] = jax.device_put(host, target)
+    place_tensor(params, m, host, mesh=mesh, axis_size=size)
     del host  # the device copy is the only one kept
   return params
 
