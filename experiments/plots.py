@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
+from experiments import rundir
+
 Records = Mapping[str, Sequence[Mapping[str, Any]]]
 
 
@@ -69,14 +71,8 @@ def write_plots(runs: Records, out: pathlib.Path) -> list[pathlib.Path]:
   paths = []
   for name, make in (("forgetting", forgetting_curves), ("update_norm", update_norm),
                      ("sparsity", sparsity_per_group)):
-    path, tmp = out / f"{name}.png", out / f"{name}.png.tmp"
-    try:  # atomic like metrics.jsonl: a full disk leaves the previous plot, not half of one
-      make(runs).savefig(tmp, dpi=110, format="png")
-      tmp.replace(path)
-    except BaseException as error:
-      tmp.unlink(missing_ok=True)
-      if isinstance(error, OSError) and error.filename is None:  # PIL's failed write names none
-        raise OSError(error.errno, error.strerror, str(path)) from error
-      raise
+    path = out / f"{name}.png"
+    # Atomic like metrics.jsonl: a full disk leaves the previous plot, not half of one.
+    rundir.write_atomically(path, lambda f, make=make: make(runs).savefig(f, dpi=110, format="png"))
     paths.append(path)
   return paths

@@ -33,8 +33,8 @@ import fcntl
 import json
 import os
 import pathlib
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, BinaryIO
 
 RUNNER = "experiments.run"
 FORMAT = 1  # layout of the marker files; a future change is recognised by it
@@ -62,11 +62,16 @@ def write_json(path: pathlib.Path, content: Any) -> None:
 
 def write_text(path: pathlib.Path, text: str) -> None:
   """Atomic ``path.write_text(text)`` (see :func:`write_json`)."""
+  write_atomically(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_atomically(path: pathlib.Path, write: Callable[[BinaryIO], Any]) -> None:
+  """Calls ``write(f)`` on a binary temporary file, then moves it over ``path`` (see :func:`write_json`)."""
   path = pathlib.Path(path)
   tmp = path.with_name(path.name + ".tmp")
   try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
+    with open(tmp, "wb") as f:
+      write(f)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
