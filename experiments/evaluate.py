@@ -10,6 +10,7 @@ at tau = 1e-6, and both per group), and the mean per-token
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any
 
 import jax
@@ -18,7 +19,7 @@ import numpy as np
 
 from es_jax.evaluation import drift_report, evaluate_generation, evaluate_loglik
 from es_jax.evaluation.drift import per_token_kl
-from es_jax.models import Transformer, generate_text, logits_fn
+from es_jax.models import Transformer, generate_text, logits_fn, token_logprobs
 from experiments import rollouts
 from experiments.components import Components
 from experiments.config import ExperimentConfig
@@ -56,31 +57,36 @@ def completion_kl(c: Components, params, indices, tokens: np.ndarray, lengths: n
   return total / count if count else 0.0
 
 
-def prior_accuracy(c: Components, config: ExperimentConfig, params) -> float | None:
+def prior_accuracy(c: Components, config: ExperimentConfig, params, *,
+                   progress: bool = False) -> float | None:
   """HellaSwag accuracy (``acc_norm`` under ``loglik``) of the current weights."""
   if c.prior_task is None:
     return None
   if config.task.prior_protocol == "loglik":
-    result = evaluate_loglik(c.prior_task, c.prior_examples,
-                             functools.partial(_logits, c.model, params), c.tokenizer,
-                             batch_size=config.prompt_batch, progress=False)
+    result = evaluate_loglik(c.prior_task, c.prior_examples, None, c.tokenizer,
+                             batch_size=config.prompt_batch, progress=progress,
+                             logprobs_fn=functools.partial(_token_logprobs, c.model, params))
   else:
     def generate(prompts):
       return generate_text(c.model, params, c.tokenizer, prompts, max_new_tokens=8,
                            eos_ids=c.eos_ids)
     result = evaluate_generation(c.prior_task, c.prior_examples, generate,
                                  tokenizer=c.tokenizer if config.model.chat_template else None,
-                                 batch_size=config.prompt_batch, progress=False)
+                                 batch_size=config.prompt_batch, progress=progress)
   return float(result.summary.metrics["accuracy"])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(model: Transformer, params, input_ids, attention_mask):
-  return logits_fn(model, params, input_ids, attention_mask)
+_token_logprobs = jax.jit(token_logprobs, static_argnums=0)
 
 
-def snapshot(c: Components, config: ExperimentConfig, params, iteration: int) -> Record:
-  """The metrics record of ``params`` at ``iteration``."""
+def snapshot(c: Components, config: ExperimentConfig, params, iteration: int, *,
+             progress: bool = False) -> Record:
+  """The metrics record of ``params`` at ``iteration``.
+
+  ``seconds`` holds what the record cost (``prior``: the HellaSwag evaluation,
+  ``total``: all of it), so a user can plan a run's evaluations.
+  """
+  start = time.perf_counter()
   eval_indices = np.arange(len(c.eval))
   texts, tokens, lengths = rollouts.greedy(c, params, c.eval, eval_indices,
                                            prompt_batch=config.prompt_batch,
@@ -88,11 +94,15 @@ def snapshot(c: Components, config: ExperimentConfig, params, iteration: int) ->
   scored = [c.target_task.score(text, ex).metrics for text, ex in zip(texts, c.eval.examples)]
   kl_rows = eval_indices[:config.task.kl_prompts]
   drift = drift_report(params, c.params0, tau=TAU)
-  return {
+  prior_start = time.perf_counter()
+  prior = prior_accuracy(c, config, params, progress=progress)
+  prior_seconds = time.perf_counter() - prior_start
+  record = {
       "iteration": iteration,
       "target_accuracy": float(np.mean([m["accuracy"] for m in scored])),
       "target_reward": float(np.mean([m["reward"] for m in scored])),
-      "prior_accuracy": prior_accuracy(c, config, params),
+      "prior_accuracy": prior,
+      "prior_examples": len(c.prior_examples),
       "kl_to_base": completion_kl(c, params, kl_rows, tokens[:len(kl_rows)],
                                   lengths[:len(kl_rows)], batch_size=config.prompt_batch),
       "update_norm": drift.global_norm,
@@ -100,3 +110,5 @@ def snapshot(c: Components, config: ExperimentConfig, params, iteration: int) ->
       "group_norms": {name: g.norm for name, g in drift.groups.items()},
       "group_sparsity": {name: g.sparsity for name, g in drift.groups.items()},
   }
+  record["seconds"] = {"prior": prior_seconds, "total": time.perf_counter() - start}
+  return record

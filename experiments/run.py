@@ -14,9 +14,13 @@ A run directory holds ``config.json``, ``metrics.jsonl`` (one record per
 accuracy, KL to the base model, update norm and sparsity, per group too,
 training reward, and ``wall_time_s``: seconds spent training so far, evaluation
 excluded, summed over resumptions), the plots ``forgetting.png``,
-``update_norm.png`` and ``sparsity.png``, and ``checkpoints/`` (orbax; params,
+``update_norm.png`` and ``sparsity.png``, ``checkpoints/`` (orbax; params,
 optimizer and ES state with its keys and counts, the AWD anchor, the data
-position and the metrics so far). Resuming restores the newest checkpoint and
+position, the metrics and the ES fitness vectors so far), and for ES
+``run.espatch``: the whole fine-tune as its fitness history, which
+``python -m es_jax.models.patch_cli apply`` (or ``es_jax.apply_patch``) turns
+back into the trained weights. Every run and sweep ends with a Markdown table
+of its first and last records (a sweep's is also written to ``summary.md``). Resuming restores the newest checkpoint and
 continues bit-identically: every random draw is a function of the seed and
 the iteration.
 
@@ -37,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import pathlib
 import sys
 import time
@@ -45,9 +50,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm import tqdm
 
-from experiments import components, config as config_lib, evaluate, plots, rundir
+import es_jax
+
+from experiments import components, config as config_lib, evaluate, plots, rundir, summary
 from experiments.checkpointing import (CheckpointError, RunCheckpointer,
                                        silence_closed_event_loop_noise)
 from experiments.config import ExperimentConfig
@@ -55,6 +63,7 @@ from experiments.rundir import RunError
 from experiments.trainers import make_trainer
 
 Record = dict[str, Any]
+PATCH_NAME = "run.espatch"
 # Fields that may change between a run and its resumption (they do not change the trajectory).
 SCHEDULE_FIELDS = ("name", "iterations", "eval_every", "checkpoint_every", "keep_checkpoints",
                    "prompt_batch", "pop_devices")
@@ -112,8 +121,18 @@ def _non_finite_error(config: ExperimentConfig, out: pathlib.Path, iteration: in
                   f"saved and {kept}. Lower {hint} and start a fresh run with a new --out.")
 
 
+def baseline_key(config: ExperimentConfig) -> str:
+  """What the iteration-0 record depends on: the model, the data and the evaluation.
+
+  Runs of a sweep that agree on it (plain ES and ES + AWD from the same theta_0)
+  share one iteration-0 evaluation instead of repeating minutes of decoding.
+  """
+  d = config.to_dict()
+  return json.dumps({k: d[k] for k in ("model", "task", "prompt_batch", "seed")}, sort_keys=True)
+
+
 def run(config: ExperimentConfig, out: str | pathlib.Path, *, resume: bool = False,
-        progress: bool = True) -> list[Record]:
+        progress: bool = True, baselines: dict[str, Record] | None = None) -> list[Record]:
   """Runs (or resumes) one experiment in ``out``; returns its metrics records.
 
   ``out`` is locked for the whole run, and nothing is written into it before
@@ -127,13 +146,18 @@ def run(config: ExperimentConfig, out: str | pathlib.Path, *, resume: bool = Fal
       params stopped being finite (the run stops before saving them).
     CheckpointError: the newest checkpoint is corrupt or from an incompatible config.
     OSError: a file could not be written (earlier checkpoints are intact).
+
+  ``baselines`` (a sweep's) maps :func:`baseline_key` to an iteration-0 record
+  already measured; a new one is added to it.
   """
   out = pathlib.Path(out)
   with rundir.claim(out, marker="config.json", resume=resume):
-    return _run_claimed(config, out, progress=progress)
+    return _run_claimed(config, out, progress=progress,
+                        baselines={} if baselines is None else baselines)
 
 
-def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool) -> list[Record]:
+def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool,
+                 baselines: dict[str, Record]) -> list[Record]:
   ckpt_dir = out / "checkpoints"
   with contextlib.ExitStack() as stack:
     checkpointer, latest, meta = None, None, None
@@ -153,19 +177,22 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool)
     c = components.build(config)  # checks the data's size before loading the model
     trainer = make_trainer(c, config)
     state = trainer.init(c.params0)
-    start, records, wall = 0, [], 0.0
+    start, records, wall, history = 0, [], 0.0, []
     if latest is not None:
       state, meta = checkpointer.restore(state, step=latest)
       _check_resumable(checkpointer, latest, meta, config)
       start, records, wall = meta["iteration"], list(meta["metrics"]), meta["wall_time_s"]
+      history = _history_from_meta(meta, start)
     # Every check has passed: only now is anything written.
     rundir.write_json(out / "config.json", rundir.mark(config.to_dict()))
     if checkpointer is None:
       checkpointer = stack.enter_context(RunCheckpointer(
           ckpt_dir, keep_last_n=config.keep_checkpoints, fingerprint=fingerprint(config)))
     if start == 0:
-      records.append({**evaluate.snapshot(c, config, state["params"], 0), "train_reward": None,
-                      "wall_time_s": 0.0})
+      key = baseline_key(config)
+      if key not in baselines:
+        baselines[key] = evaluate.snapshot(c, config, state["params"], 0, progress=progress)
+      records.append({**baselines[key], "train_reward": None, "wall_time_s": 0.0})
     # On resume this also drops records a killed run wrote after its last checkpoint.
     _write_metrics(out / "metrics.jsonl", records)
     saved = latest
@@ -178,10 +205,13 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool)
       wall += time.perf_counter() - t0
       if not info["params_finite"]:
         raise _non_finite_error(config, out, iteration, saved)
+      if history is not None and "fitness" in info:
+        history.append(info["fitness"])
       bar.set_postfix(reward=f"{info['train_reward']:.3f}", refresh=False)
       last = iteration == config.iterations
       if iteration % config.eval_every == 0 or last:
-        records.append({**evaluate.snapshot(c, config, state["params"], iteration),
+        records.append({**evaluate.snapshot(c, config, state["params"], iteration,
+                                            progress=progress),
                         "train_reward": info["train_reward"], "wall_time_s": wall})
         _write_metrics(out / "metrics.jsonl", records)
         plots.write_plots({config.name: records}, out)
@@ -189,10 +219,39 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool)
       if (config.checkpoint_every and iteration % config.checkpoint_every == 0) or last:
         checkpointer.save(iteration, state, {
             "iteration": iteration, "data_position": info["data_position"], "metrics": records,
-            "wall_time_s": wall})
+            "wall_time_s": wall, **_history_meta(history)})
         saved = iteration
+    if history:
+      write_patch(out / PATCH_NAME, trainer.recipe, c.params0, history, config)
   plots.write_plots({config.name: records}, out)
   return records
+
+
+def _history_meta(history: list | None) -> dict[str, Any]:
+  # JSON has no NaN: a failed member's fitness is stored as null.
+  if history is None:
+    return {}
+  return {"fitness_history": [[None if not math.isfinite(v) else float(v) for v in f]
+                              for f in history]}
+
+
+def _history_from_meta(meta: dict, start: int) -> list | None:
+  """The fitness vectors of a resumed run's first ``start`` iterations (None: not recorded)."""
+  stored = meta.get("fitness_history")
+  if not isinstance(stored, list) or len(stored) != start:
+    return None  # a checkpoint of a GRPO run, or of a runner that did not record them
+  return [np.array([np.nan if v is None else v for v in f], np.float32) for f in stored]
+
+
+def write_patch(path: pathlib.Path, recipe: Any, params0: Any, history: Sequence[np.ndarray],
+                config: ExperimentConfig) -> None:
+  """The run as an ES patch: ``es_jax.apply_patch(es_jax.load_patch(path), theta_0)`` rebuilds
+  its final params (bit for bit on as many ``pop`` devices as the run had)."""
+  pop_devices = config.pop_devices or jax.device_count()
+  patch = es_jax.make_patch(recipe, params0, np.stack(history), metadata={
+      "runner": "experiments.run", "name": config.name, "checkpoint": config.model.checkpoint,
+      "pop_devices": pop_devices, "iterations": len(history)})
+  es_jax.save_patch(path, patch)
 
 
 def _check_resumable(checkpointer: RunCheckpointer, step: int, meta: dict,
@@ -237,13 +296,16 @@ def run_sweep(configs: Sequence[ExperimentConfig], out: pathlib.Path, *, resume:
     if not resume:
       rundir.write_json(out / "sweep.json", rundir.mark({"sweep": sweep,
                                                           "overrides": list(overrides)}))
-    results = {}
+    results, baselines = {}, {}
     for config in configs:
       run_dir = out / config.name
       results[config.name] = run(
           config, run_dir, resume=resume and rundir.is_claimed_by_runner(run_dir, "config.json"),
-          progress=progress)
+          progress=progress, baselines=baselines)
     plots.write_plots(results, out)
+    table = summary.table(results)
+    rundir.write_text(out / "summary.md", table + "\n")
+  print(table)
   return results
 
 
@@ -281,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       run_sweep(configs, out, resume=False, progress=not args.no_progress, sweep=args.preset,
                 overrides=args.set)
     else:
-      run(configs[0], out, progress=not args.no_progress)
+      records = run(configs[0], out, progress=not args.no_progress)
+      print(summary.table({configs[0].name: records}))
   except (RunError, CheckpointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -33,23 +33,17 @@ def all_finite(params: PyTree) -> jax.Array:
 
 _all_finite = jax.jit(all_finite)
 
-SHAPING = {"z_score": es_jax.z_score, "centered_rank": es_jax.centered_rank,
-           "identity": es_jax.shaping.identity}
-
-
-def es_optimizer(config: ExperimentConfig) -> optax.GradientTransformationExtraArgs:
-  """ES direction (Qiu et al.'s estimator), ``sgd(alpha)``, then AWD as the published post-step rule."""
+def es_recipe(config: ExperimentConfig) -> es_jax.EsRecipe:
+  """ES direction (Qiu et al.'s estimator), ``sgd(alpha)``, then AWD as the published post-step
+  rule, as the recipe an ES patch of the run stores."""
   es, awd = config.es, config.awd
-  parts = [
-      es_jax.es_step(None, population=es.population, sigma=es.sigma,
-                     key=jax.random.key(config.seed), rank=es.rank, antithetic=es.antithetic,
-                     fitness_shaping=SHAPING[es.shaping], estimator="qiu", freeze=es.frozen),
-      optax.sgd(es.learning_rate),
-  ]
-  if awd.kind != "none":
-    parts.append(es_jax.anchored_weight_decay(awd.strength, kind=awd.kind,
-                                              learning_rate=es.learning_rate))
-  return optax.chain(*parts)
+  post = () if awd.kind == "none" else (es_jax.AwdRecipe(awd.strength, kind=awd.kind),)
+  return es_jax.EsRecipe(
+      es_jax.EsStepRecipe(population=es.population, sigma=es.sigma, seed=config.seed,
+                          rank=es.rank, antithetic=es.antithetic, shaping=es.shaping,
+                          estimator="qiu", freeze=es.frozen),
+      es_jax.OptimizerRecipe("sgd", es.learning_rate), post)
+
 
 
 class EsTrainer:
@@ -57,7 +51,8 @@ class EsTrainer:
 
   def __init__(self, c: Components, config: ExperimentConfig):
     self.c, self.config = c, config
-    self.tx = es_optimizer(config)
+    self.recipe = es_recipe(config)
+    self.tx = self.recipe.build()
 
     @jax.jit
     def apply(params, opt_state, fitness):
@@ -78,9 +73,9 @@ class EsTrainer:
         self.c, es_state, state["params"], indices, population=config.es.population,
         member_chunk=config.es.members_per_decode, prompt_batch=config.prompt_batch,
         max_new_tokens=config.task.max_new_tokens)
-    params, opt_state, finite = self._apply(state["params"], state["opt_state"],
-                                            np.asarray(fitness, np.float32))
-    info = {"train_reward": float(np.nanmean(fitness)), "train_reward_max": float(np.nanmax(fitness)),
+    fitness = np.asarray(fitness, np.float32)  # what the update sees, and the patch stores
+    params, opt_state, finite = self._apply(state["params"], state["opt_state"], fitness)
+    info = {"fitness": fitness, "train_reward": float(np.nanmean(fitness)), "train_reward_max": float(np.nanmax(fitness)),
             "failed_members": int(np.sum(~np.isfinite(fitness))), "data_position": position,
             "params_finite": bool(finite)}
     return {"params": params, "opt_state": opt_state}, info

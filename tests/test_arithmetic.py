@@ -94,3 +94,23 @@ def test_prompts_and_registry():
       f"user:What is {ex.a} + {ex.b}? Answer with only the number.|assistant:")
   with pytest.raises(ValueError, match="generates its problems"):
     task.load("some/file.jsonl")
+
+
+def test_few_shot_prompt_shows_solved_training_problems_and_scores_the_first_line():
+  task = get_task("arithmetic", shots=3)
+  shown = task.solved_examples
+  assert len(shown) == 3 and all(split_of(p.a, p.op, p.b) == "train" for p in shown)
+  assert all(p.answer == p.a + p.b for p in shown)
+  asked = task.load(limit=2000, seed=0)  # a large draw: a shown problem would surely be in it
+  assert len(asked) == 2000 and not set(shown) & set(asked)
+  ex = asked[0]
+  lines = task.build_prompt(ex).split("\n")
+  assert lines == [f"{p.a} + {p.b} = {p.a + p.b}" for p in shown] + [f"{ex.a} + {ex.b} ="]
+  # One problem per line: the model's next problem after the answer is not part of it.
+  assert task.score(f" {ex.answer}\n{ex.a} + 1 = 3", ex).metrics["reward"] == 1.0
+  assert task.score(f" {ex.answer + 1}\n{ex.answer}", ex).metrics["reward"] == 0.0
+  assert ArithmeticTask().score(f" {ex.answer}\n1 + 1 = 2", ex).metrics["reward"] == 0.0
+  with pytest.raises(ValueError, match="plain prompts"):
+    task.build_prompt(ex, tokenizer=object())
+  with pytest.raises(ValueError, match="shots=-1"):
+    ArithmeticTask(shots=-1)

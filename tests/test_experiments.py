@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+import es_jax
 from experiment_fixtures import (digit_share_reward, make_tiny_checkpoint, short_run_overrides,
                                  write_short_gsm8k, write_short_hellaswag)
 from experiments import components, rollouts
@@ -50,7 +51,7 @@ def read_metrics(run_dir: pathlib.Path) -> list[dict]:
 
 
 def without_time(records):
-  return [{k: v for k, v in r.items() if k != "wall_time_s"} for r in records]
+  return [{k: v for k, v in r.items() if k not in ("wall_time_s", "seconds")} for r in records]
 
 
 def final_state(config: ExperimentConfig, run_dir: pathlib.Path):
@@ -171,7 +172,13 @@ def test_resume_after_sigkill_is_bit_identical(assets, tmp_path, monkeypatch):
   resumed = run(config, killed, resume=True, progress=False)
   assert without_time(resumed) == without_time(reference)
   assert without_time(read_metrics(killed)) == without_time(reference)
-  assert_trees_equal(final_state(config, killed), final_state(config, tmp_path / "reference"))
+  final = final_state(config, tmp_path / "reference")
+  assert_trees_equal(final_state(config, killed), final)
+  # The run's ES patch (its fitness history, half of it restored from a checkpoint's meta)
+  # replays to the trained params bit for bit.
+  patch = es_jax.load_patch(killed / "run.espatch")
+  assert patch.fitness_history.shape == (8, 8) and patch.metadata["pop_devices"] == 1
+  assert_trees_equal(es_jax.apply_patch(patch, components.build(config).params0), final["params"])
 
 
 def test_eight_devices_give_the_metrics_of_one(assets, tmp_path, monkeypatch):
@@ -215,3 +222,39 @@ def test_grpo_runs_on_the_same_model_and_task(assets, tmp_path, monkeypatch):
   assert [r["iteration"] for r in records] == [0, 2]
   assert records[-1]["update_norm"] > 0 and records[-1]["kl_to_base"] > 0
   assert 0 < records[-1]["train_reward"] < 1
+
+
+def test_main_job_sweep_shares_theta0_noise_and_baseline(assets, tmp_path, monkeypatch):
+  """The main job's wiring on the tiny checkpoint: plain ES and ES + AWD start from one
+  iteration-0 evaluation, draw the same noise (so their first fitness vectors agree), and the
+  sweep ends with one table row per run."""
+  from experiments import evaluate, run as run_lib
+  monkeypatch.setattr(rollouts, "score", digit_share_reward)
+  calls = []
+  snapshot = evaluate.snapshot
+  monkeypatch.setattr(evaluate, "snapshot",
+                      lambda c, config, params, it, **kw: calls.append((config.name, it))
+                      or snapshot(c, config, params, it, **kw))
+  fitness = {}
+  population_fitness = rollouts.population_fitness
+
+  def recording(c, es_state, params, indices, **kw):
+    f = population_fitness(c, es_state, params, indices, **kw)
+    fitness.setdefault(len(fitness), f)
+    return f
+
+  monkeypatch.setattr(rollouts, "population_fitness", recording)
+  overrides = [f"model.checkpoint={assets.checkpoint}", "task.num_train=4",
+               "task.prompts_per_iteration=2", "task.num_eval=2", "task.num_prior=2",
+               "task.kl_prompts=1", "es.population=4", "es.sigma=0.2", "iterations=2",
+               "eval_every=2", "prompt_batch=2", "pop_devices=1"]
+  configs = [apply_overrides(c, overrides) for c in config_lib.expand("smollm2_forgetting")]
+  assert [c.awd.kind for c in configs] == ["none", "l2"] and configs[0].task.shots == 3
+  results = run_lib.run_sweep(configs, tmp_path / "sweep", resume=False, progress=False,
+                              sweep="smollm2_forgetting", overrides=overrides)
+  assert calls == [("smollm2_es", 0), ("smollm2_es", 2), ("smollm2_es_awd", 2)]
+  first = [records[0] for records in results.values()]
+  assert first[0] == first[1] and first[0]["prior_examples"] == 2  # the shipped subset
+  np.testing.assert_array_equal(fitness[0], fitness[2])  # iteration 1 of each run: same noise
+  table = (tmp_path / "sweep" / "summary.md").read_text().splitlines()
+  assert [line.split("|")[1].strip() for line in table[2:]] == ["smollm2_es", "smollm2_es_awd"]

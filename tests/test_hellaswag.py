@@ -192,6 +192,19 @@ def test_batched_scoring_matches_direct_torch_computation(tiny_qwen2):
   assert all(b == 5 and t % 16 == 0 for b, t in shapes)
   assert len(shapes) == 3  # 14 requests in batches of 5
 
+  def logprobs_fn(input_ids, attention_mask):  # per-token log-probs, as a model would on device
+    logp = torch.log_softmax(torch.from_numpy(logits_fn(input_ids, attention_mask)), dim=-1)
+    ids = torch.from_numpy(input_ids).long()
+    picked = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+    return np.concatenate([np.full((len(ids), 1), np.nan), picked.numpy()], axis=1)
+
+  for score, via_logprobs in zip(scores, score_continuations(None, tokenizer, requests,
+                                                             batch_size=5, logprobs_fn=logprobs_fn)):
+    assert via_logprobs.sum_logprob == pytest.approx(score.sum_logprob, abs=1e-4)
+    assert via_logprobs[1:] == score[1:]
+  with pytest.raises(ValueError, match="exactly one of"):
+    score_continuations(logits_fn, tokenizer, requests, logprobs_fn=logprobs_fn)
+
   result = evaluate_loglik(hs.HellaSwagTask(), ITEMS, logits_fn, tokenizer, batch_size=4)
   for record, item in zip(result.records, ITEMS):
     direct = [_direct_loglik(torch, model, tokenizer, c, x)[0] for c, x in hs.loglik_requests(item)]

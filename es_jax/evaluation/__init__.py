@@ -53,7 +53,8 @@ from es_jax.evaluation.hellaswag import (
     parse_choice,
     preprocess,
 )
-from es_jax.evaluation.loglik import ChoiceLoglik, LogitsFn, encode_pair, score_continuations
+from es_jax.evaluation.loglik import (ChoiceLoglik, LogitsFn, TokenLogprobsFn, encode_pair,
+                                      score_continuations)
 from es_jax.evaluation.registry import TASKS, get_task
 from es_jax.evaluation.runner import (
     EvalRecord,
@@ -132,6 +133,7 @@ __all__ = [
     "per_token_kl",
     "preprocess",
     "score_continuations",
+    "TokenLogprobsFn",
     "select_indices",
     "solve",
     "summarize",

@@ -16,6 +16,12 @@ the time, often with extra words or a wrong carry.
   buried in words (``"The answer is 85."``) scores 0 for the reward and 1 for
   the diagnostic metric ``"first_number"`` (the first integer in the text is
   right), which separates wrong sums from wrong format.
+* Few-shot plain prompts (``shots=k``): ``k`` solved training problems, one per
+  line, then the question: ``"12 + 35 = 47\n...\n47 + 38 ="``. The format is
+  one problem per line, so only the completion's first line is scored (a base
+  model goes on with a next problem). SmolLM2-135M-Instruct (float32, greedy)
+  answers 3-shot two-digit sums right about a quarter of the time, asked as a
+  chat question never (see the README).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ CHAT_INSTRUCTION = "What is {question}? Answer with only the number."
 PLAIN_TEMPLATE = "{user} ="
 _INTEGER = re.compile(r"-?[0-9]{1,18}")  # bounded: no huge int parse on any input
 _MAX_ATTEMPTS_FACTOR = 1000
+SHOTS_SEED = 2**31 - 1  # the solved examples' draw, apart from any training seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +194,18 @@ class ArithmeticTask:
   ops: tuple[str, ...] = ("+",)
   system: str | None = None
   end_token: str | None = None
+  shots: int = 0
   name: str = "arithmetic"
+
+  def __post_init__(self):
+    if not (isinstance(self.shots, int) and not isinstance(self.shots, bool) and self.shots >= 0):
+      raise ValueError(f"shots={self.shots!r} must be an int >= 0")
+
+  @property
+  def solved_examples(self) -> tuple[ArithmeticExample, ...]:
+    """The ``shots`` training problems shown, solved, before each plain prompt (fixed)."""
+    return tuple(generate_problems(self.shots, seed=SHOTS_SEED, split="train", low=self.low,
+                                   high=self.high, ops=self.ops))
 
   def load(self, source: str | None = None, *, split: str = "train", limit: int | None = None,
            seed: int | None = None) -> list[ArithmeticExample]:
@@ -195,18 +213,30 @@ class ArithmeticTask:
     if source is not None:
       raise ValueError(f"the arithmetic task generates its problems; got source={source!r}: "
                        "leave the source unset (None)")
-    return generate_problems(1000 if limit is None else limit, seed=0 if seed is None else seed,
-                             split=split, low=self.low, high=self.high, ops=self.ops)
+    count = 1000 if limit is None else limit
+    shown = set(self.solved_examples)
+    # A problem shown solved in the prompt would be answered by copying: never ask it.
+    problems = generate_problems(count + len(shown), seed=0 if seed is None else seed,
+                                 split=split, low=self.low, high=self.high, ops=self.ops)
+    return [p for p in problems if p not in shown][:count]
 
   def build_prompt(self, example: ArithmeticExample, tokenizer: Any = None) -> str:
-    """``"What is a + b? Answer with only the number."`` as a chat turn; ``"a + b ="`` plain."""
+    """``"What is a + b? Answer with only the number."`` as a chat turn; ``"a + b ="`` plain,
+    after the solved examples when ``shots > 0``."""
     if tokenizer is None:
-      return chat_prompt(example.question, None, plain_template=PLAIN_TEMPLATE)
+      solved = "".join(f"{p.question} = {p.answer}\n" for p in self.solved_examples)
+      return solved + chat_prompt(example.question, None, plain_template=PLAIN_TEMPLATE)
+    if self.shots:
+      raise ValueError(f"shots={self.shots} prefixes solved problems to plain prompts, one per "
+                       "line; build the prompt without a tokenizer (no chat template), or use "
+                       "shots=0 for the chat question")
     return chat_prompt(CHAT_INSTRUCTION.format(question=example.question), tokenizer,
                        system=self.system)
 
   def score(self, completion: str, example: ArithmeticExample) -> Scored:
     """Exact-answer reward and accuracy, and the first-number diagnostic."""
+    if self.shots and isinstance(completion, str):
+      completion = completion.split("\n", 1)[0]
     parsed = parse_only_number(completion, self.end_token)
     correct = float(parsed == example.answer)
     return Scored(

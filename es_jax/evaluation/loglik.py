@@ -33,6 +33,20 @@ class LogitsFn(Protocol):
     ...
 
 
+class TokenLogprobsFn(Protocol):
+  """``logprobs_fn(input_ids, attention_mask) -> log_probs``: ``[B, T]`` float,
+  ``log p(input_ids[:, t] | input_ids[:, :t])`` (any value in column 0 and at padding),
+  e.g. ``functools.partial(es_jax.models.token_logprobs, model, params)`` jitted.
+
+  The alternative to a :class:`LogitsFn` that keeps the ``[B, T, V]`` logits on
+  the device: with a 49k-token vocabulary they are ~200 KB per token to copy
+  to the host and normalise there, which dominated HellaSwag's scoring time.
+  """
+
+  def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> Any:
+    ...
+
+
 class ChoiceLoglik(NamedTuple):
   """The score of one (context, continuation) request.
 
@@ -90,15 +104,16 @@ def _log_softmax_rows(logits: np.ndarray) -> np.ndarray:
   return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def score_continuations(logits_fn: LogitsFn, tokenizer: Any,
+def score_continuations(logits_fn: LogitsFn | None, tokenizer: Any,
                         requests: Sequence[tuple[str, str]], *, batch_size: int = 8,
                         bucket: int = 16, max_length: int | None = None,
                         add_special_tokens: bool = False,
-                        progress: bool | None = None) -> list[ChoiceLoglik]:
+                        progress: bool | None = None,
+                        logprobs_fn: TokenLogprobsFn | None = None) -> list[ChoiceLoglik]:
   """Scores ``log p(continuation | context)`` for each request, batched and padded.
 
   Args:
-    logits_fn: the model, see :class:`LogitsFn`.
+    logits_fn: the model, see :class:`LogitsFn`; None when ``logprobs_fn`` is given.
     tokenizer: a Hugging Face tokenizer.
     requests: (context, continuation) pairs.
     batch_size: rows per call of ``logits_fn`` (every call gets exactly this many).
@@ -108,6 +123,10 @@ def score_continuations(logits_fn: LogitsFn, tokenizer: Any,
     add_special_tokens: passed to the tokenizer (lm-eval passes False for
       causal models unless the model needs a BOS token).
     progress: show a tqdm bar; None shows it when there are more than 50 batches.
+    logprobs_fn: the model as per-token log-probabilities (see
+      :class:`TokenLogprobsFn`), instead of ``logits_fn``. It reads the whole
+      ``context + continuation`` (one token more than ``logits_fn``), so under
+      ``max_length`` truncation it sees one context token less.
 
   Returns:
     One :class:`ChoiceLoglik` per request, in the input order.
@@ -122,6 +141,11 @@ def score_continuations(logits_fn: LogitsFn, tokenizer: Any,
   """
   if batch_size < 1 or bucket < 1:
     raise ValueError(f"batch_size and bucket must be >= 1, got {batch_size} and {bucket}")
+  if (logits_fn is None) == (logprobs_fn is None):
+    raise ValueError("give the model as exactly one of logits_fn and logprobs_fn")
+  # A logits function predicts token t + 1 at t, so it reads all but the last token; a
+  # log-prob function scores token t at t, so it reads them all.
+  drop_last = logprobs_fn is None
   encoded = []
   for i, request in enumerate(requests):
     if (not isinstance(request, (tuple, list)) or len(request) != 2
@@ -132,11 +156,12 @@ def score_continuations(logits_fn: LogitsFn, tokenizer: Any,
                                                 add_special_tokens=add_special_tokens)
     if not context_ids:
       context_ids = [_prefix_token_id(tokenizer)]
-    if max_length is not None and len(continuation_ids) > max_length:
+    if max_length is not None and len(continuation_ids) > max_length - (not drop_last):
       raise ValueError(f"request {i}: continuation has {len(continuation_ids)} tokens, more "
-                       f"than max_length={max_length}")
-    # The model reads all but the last token; keep at most max_length of them.
-    inputs = (context_ids + continuation_ids)[:-1]
+                       f"than max_length={max_length} allows")
+    # Keep at most max_length of the tokens the model reads.
+    inputs = context_ids + continuation_ids
+    inputs = inputs[:-1] if drop_last else inputs
     if max_length is not None:
       inputs = inputs[-max_length:]
     encoded.append((inputs, continuation_ids))
@@ -160,10 +185,16 @@ def score_continuations(logits_fn: LogitsFn, tokenizer: Any,
       inputs = encoded[k][0]
       input_ids[r, :len(inputs)] = inputs
       attention_mask[r, :len(inputs)] = 1
-    logits = np.asarray(logits_fn(input_ids, attention_mask))
-    if logits.ndim != 3 or logits.shape[:2] != (batch_size, length):
-      raise ValueError(f"logits_fn returned shape {logits.shape}; expected "
-                       f"({batch_size}, {length}, vocab)")
+    if drop_last:
+      logits = np.asarray(logits_fn(input_ids, attention_mask))
+      if logits.ndim != 3 or logits.shape[:2] != (batch_size, length):
+        raise ValueError(f"logits_fn returned shape {logits.shape}; expected "
+                         f"({batch_size}, {length}, vocab)")
+    else:
+      token_logprobs = np.asarray(logprobs_fn(input_ids, attention_mask), np.float32)
+      if token_logprobs.shape != (batch_size, length):
+        raise ValueError(f"logprobs_fn returned shape {token_logprobs.shape}; expected "
+                         f"({batch_size}, {length})")
     for r, k in enumerate(batch):
       inputs, continuation_ids = encoded[k]
       n = len(continuation_ids)
@@ -171,7 +202,9 @@ def score_continuations(logits_fn: LogitsFn, tokenizer: Any,
         results[k] = ChoiceLoglik(0.0, 0, len(requests[k][1]))
         continue
       end = len(inputs)
-      logprobs = _log_softmax_rows(logits[r, end - n:end])
-      total = float(logprobs[np.arange(n), continuation_ids].sum(dtype=np.float64))
-      results[k] = ChoiceLoglik(total, n, len(requests[k][1]))
+      if drop_last:
+        logprobs = _log_softmax_rows(logits[r, end - n:end])[np.arange(n), continuation_ids]
+      else:
+        logprobs = token_logprobs[r, end - n:end]
+      results[k] = ChoiceLoglik(float(logprobs.sum(dtype=np.float64)), n, len(requests[k][1]))
   return results  # type: ignore[return-value]

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from es_jax.evaluation.base import GenerativeTask, LoglikTask, Scored
-from es_jax.evaluation.loglik import LogitsFn, score_continuations
+from es_jax.evaluation.loglik import LogitsFn, TokenLogprobsFn, score_continuations
 
 
 class Generator(Protocol):
@@ -278,17 +278,19 @@ def evaluate_population(task: GenerativeTask, examples: Sequence[Any],
   return PopulationEvalResult(tuple(members))
 
 
-def evaluate_loglik(task: LoglikTask, examples: Sequence[Any], logits_fn: LogitsFn,
+def evaluate_loglik(task: LoglikTask, examples: Sequence[Any], logits_fn: LogitsFn | None,
                     tokenizer: Any, *, batch_size: int = 8, bucket: int = 16,
-                    max_length: int | None = None, progress: bool | None = None) -> EvalResult:
+                    max_length: int | None = None, progress: bool | None = None,
+                    logprobs_fn: TokenLogprobsFn | None = None) -> EvalResult:
   """Scores every example's candidate continuations by log-likelihood.
 
   Args:
     task: a log-likelihood task (HellaSwag with ``protocol="loglik"``).
     examples: the task's examples.
-    logits_fn: the model, see :class:`~es_jax.evaluation.loglik.LogitsFn`.
+    logits_fn: the model, see :class:`~es_jax.evaluation.loglik.LogitsFn`; None
+      when ``logprobs_fn`` is given.
     tokenizer: the model's Hugging Face tokenizer.
-    batch_size, bucket, max_length: see
+    batch_size, bucket, max_length, logprobs_fn: see
       :func:`~es_jax.evaluation.loglik.score_continuations`.
     progress: tqdm bar; None shows it when there are more than 50 batches.
 
@@ -302,7 +304,7 @@ def evaluate_loglik(task: LoglikTask, examples: Sequence[Any], logits_fn: Logits
   requests_per_example = [task.loglik_requests(example) for example in examples]
   flat = [request for requests in requests_per_example for request in requests]
   scores = score_continuations(logits_fn, tokenizer, flat, batch_size=batch_size, bucket=bucket,
-                               max_length=max_length, progress=progress)
+                               max_length=max_length, progress=progress, logprobs_fn=logprobs_fn)
   records = []
   start = 0
   for i, (example, requests) in enumerate(zip(examples, requests_per_example)):
