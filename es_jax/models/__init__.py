@@ -13,6 +13,11 @@ GGUF files and the packaged SmolLM2-135M-Instruct load the same way
 
 from __future__ import annotations
 
+from es_jax import _extras
+
+# Before the submodules: without the extra, say which one to install.
+_extras.require("models", "es_jax.models", ("transformers", "tokenizers", "safetensors", "gguf"))
+
 from es_jax.models.checkpoint import CheckpointError
 from es_jax.models.checkpoint import TensorMapping
 from es_jax.models.checkpoint import load_config
