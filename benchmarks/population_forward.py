@@ -82,7 +82,7 @@ import numpy as np
 import es_jax
 from benchmarks import common
 from es_jax import noise as noise_lib
-from es_jax.noise import LowRank, NoiseSpec
+from es_jax.noise import NoiseSpec
 
 SIGMA = 1e-2
 FULL_RANK_CHUNK = 64
@@ -219,10 +219,6 @@ def full_rank_forward(model: nn.Module, spec: NoiseSpec, chunk: int):
   return fn
 
 
-def _is_noise_leaf(x) -> bool:
-  return x is None or isinstance(x, LowRank)
-
-
 # --------------------------------------------------------------------------- grid
 
 
@@ -338,7 +334,7 @@ def measure_prng_speed(grid: Grid, shapes) -> list[dict]:
   results = []
   for population, rank in cases:
     spec = spec_for(population, rank)
-    normals = population * sum(_normals_per_member(spec, s.shape) for s in jax.tree.leaves(shapes))
+    normals = population * noise_lib.normals_per_draw(spec, shapes)
     calls = {}
     for impl in PRNG_IMPLS:
       common.log(f"[prng] N={population} rank={rank} compiling {impl} ...")
@@ -356,20 +352,13 @@ def measure_prng_speed(grid: Grid, shapes) -> list[dict]:
   return results
 
 
-def _normals_per_member(spec: NoiseSpec, shape) -> int:
-  if len(shape) < 2 or spec.rank is None:
-    return int(np.prod(shape))
-  rows, cols = noise_lib.matrix_shape(tuple(shape))
-  return spec.rank * (rows + cols)
-
-
 def _member(tree, i: int):
   return jax.tree.map(lambda leaf: leaf[i], tree)
 
 
 def _dense(noise_tree, shapes) -> list[np.ndarray]:
   dense = jax.tree.map(lambda n, s: noise_lib.materialize(n, s.shape), noise_tree, shapes,
-                       is_leaf=_is_noise_leaf)
+                       is_leaf=noise_lib.is_noise_leaf)
   return [np.asarray(leaf) for leaf in jax.tree.leaves(dense)]
 
 
