@@ -31,7 +31,6 @@ import jax
 from jax.sharding import AxisType, NamedSharding
 
 from es_jax import noise
-from es_jax.sharding import POP_AXIS  # noqa: F401  (the mesh's other axis, named once)
 
 P = jax.P
 PyTree = Any
