@@ -254,7 +254,8 @@ def build(method: str, model, params, x, key, generation, population: int):
     return plain_forward(model, population), (params, key, generation, x_rows)
   if method == "full-rank":
     chunk = min(population, FULL_RANK_CHUNK)
-    return full_rank_forward(model, prng.spec_for(population, None), chunk), (params, key, generation, x)
+    spec = prng.spec_for(population, None)
+    return full_rank_forward(model, spec, chunk), (params, key, generation, x)
   rank = 4 if "r=4" in method else 1
   spec = prng.spec_for(population, rank)
   if method.startswith("fast r="):

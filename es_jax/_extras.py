@@ -46,6 +46,6 @@ def require(extra: str, user: str, modules: tuple[str, ...]) -> None:
 
 
 def import_module(name: str, *, extra: str, user: str) -> ModuleType:
-  """``importlib.import_module(name)``, or an ImportError naming ``extra`` if it is not installed."""
+  """``importlib.import_module(name)``, or an ImportError naming ``extra`` if it is missing."""
   require(extra, user, (name.partition(".")[0],))
   return importlib.import_module(name)

@@ -61,7 +61,7 @@ class PatchError(ValueError):
 
 
 def tensor_manifest(params: PyTree) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
-  """``(path, dtype, shape)`` of every leaf in tree order: the ``base_tensors`` a :class:`Patch` records.
+  """``(path, dtype, shape)`` of every leaf, in tree order: a :class:`Patch`'s ``base_tensors``.
 
   Example:
     >>> import jax.numpy as jnp

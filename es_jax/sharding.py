@@ -91,8 +91,8 @@ def place_population(tree: PyTree, mesh: jax.sharding.Mesh, *, axis: str = POP_A
     P('pop', None)
   """
   def put(x):
-    return jax.device_put(x, NamedSharding(mesh, population_spec(x.ndim, x.shape[0] if x.ndim else 0,
-                                                                 mesh, axis=axis)))
+    spec = population_spec(x.ndim, x.shape[0] if x.ndim else 0, mesh, axis=axis)
+    return jax.device_put(x, NamedSharding(mesh, spec))
   return jax.tree.map(put, tree)
 
 

@@ -62,7 +62,8 @@ def _es_jax_module_aliases(path: Path) -> dict[str, str]:
     if isinstance(node, ast.Import):
       for alias in node.names:
         if alias.name.split(".")[0] == "es_jax":
-          aliases[alias.asname or alias.name.split(".")[0]] = alias.asname and alias.name or "es_jax"
+          # `import es_jax.noise` binds es_jax; `import es_jax.noise as n` binds the module.
+          aliases[alias.asname or "es_jax"] = alias.name if alias.asname else "es_jax"
     elif module.split(".")[0] == "es_jax":
       for alias in node.names:
         if (ROOT / Path(*module.split("."), alias.name)).with_suffix(".py").exists() or (

@@ -56,7 +56,8 @@ def flatten_with_paths(tree: Any) -> dict[str, Any]:
   """
   flat = {}
   for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and keypath[-1].name == "value":
+    last = keypath[-1] if keypath else None
+    if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
       keypath = keypath[:-1]  # NNX Variable wrapper, not part of the parameter's name
     flat[noise.path_str(keypath)] = leaf
   return flat
