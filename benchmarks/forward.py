@@ -170,7 +170,8 @@ def full_rank_program(setup: Setup, population: int, chunk: int) -> common.Progr
 
 def evosax_program(setup: Setup, population: int) -> common.Program:
   """evosax's OpenES ask() (N full parameter vectors) driving the same model."""
-  from evosax.algorithms import Open_ES  # The bench extra; imported only when run.
+  # The bench extra; imported only when run.
+  Open_ES = common.import_bench_dependency("evosax.algorithms").Open_ES  # noqa: N806
 
   solution = perturbed_part(setup.params)
   strategy = Open_ES(population_size=population, solution=solution, optimizer=optax.sgd(1e-3),

@@ -4,6 +4,11 @@ Nothing here stores noise for a population. Every function regenerates what it
 needs from the key, so the forward pass and the update see the same noise, and
 memory stays at one chunk of members at a time.
 
+This is the low-level public layer under :func:`es_jax.es_step` (its names are
+``__all__``): functions of a :class:`NoiseSpec` and an explicit key and
+generation, for benchmarks and custom loops. With an optimizer state,
+:func:`es_jax.member_noise` and :func:`es_jax.member_params` draw the same noise.
+
 Conventions (documented once here, used everywhere):
   * Member ``i`` perturbs the parameters to ``theta + sigma * eps_i``.
   * With antithetic sampling, members ``2k`` and ``2k + 1`` share the draw of
