@@ -9,6 +9,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+# Run from the repository root: `-c` puts it first on sys.path, so the subprocess imports this
+# checkout's es_jax and experiments (experiments/ is not installed).
+ROOT = Path(__file__).resolve().parents[1]
 
 # Every third-party module an extra brings (pyproject.toml) that the core must not import.
 EXTRA_ONLY = ("transformers", "tokenizers", "safetensors", "gguf", "huggingface_hub", "datasets",
@@ -30,7 +35,7 @@ BLOCKER = textwrap.dedent(f"""
 
 def run_python(code: str) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-c", BLOCKER + textwrap.dedent(code)],
-                        capture_output=True, text=True, timeout=300)
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def test_es_step_runs_without_the_extras():
