@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
+import importlib
 import importlib.metadata
 import math
 import os
@@ -278,6 +279,15 @@ def paired_ratio(times_a: Sequence[float], times_b: Sequence[float]) -> float:
 
 
 # --------------------------------------------------------------------------- machine
+
+
+def import_bench_dependency(name: str) -> Any:
+  """``importlib.import_module(name)``, or an ImportError that names the ``bench`` extra."""
+  try:
+    return importlib.import_module(name)
+  except ModuleNotFoundError as e:
+    raise ImportError(f"{name} is missing: the benchmarks need the 'bench' extra, "
+                      "pip install -e '.[bench]'", name=e.name) from e
 
 
 def package_version(name: str) -> str | None:

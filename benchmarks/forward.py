@@ -32,9 +32,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+import es_jax
 from benchmarks import common
 from es_jax import noise as noise_lib
 from es_jax.models.config import ModelConfig
@@ -93,9 +93,11 @@ def make_setup(size: Size, tokens: int, dtype) -> Setup:
   params = init_params(model, jax.random.key(0))
   ids = jax.random.randint(jax.random.key(1), (1, tokens), 3, size.vocab, jnp.int32)
   num_params = sum(int(x.size) for x in jax.tree.leaves(params))
-  frozen = sum(int(x.size) for x in jax.tree.leaves(frozen_part(params)))
+  # Full-rank vector noise, as in every es_jax method (the rank does not change the count).
+  spec = noise_lib.NoiseSpec(population=2, sigma=SIGMA, rank=None, freeze=FREEZE)
   name = f"{num_params / 1e6:.1f}M"
-  return Setup(name, size, model, params, ids, jnp.ones_like(ids), num_params, num_params - frozen)
+  return Setup(name, size, model, params, ids, jnp.ones_like(ids), num_params,
+               noise_lib.num_perturbed(spec, params))
 
 
 def is_frozen(path: str) -> bool:
@@ -134,14 +136,11 @@ def fast_program(setup: Setup, population: int, rank: int) -> common.Program:
   """es_jax's fast path exactly as es_step's evaluation runs it (one draw per pair, +/-)."""
   spec = noise_lib.NoiseSpec(population=population, sigma=SIGMA, rank=rank, freeze=FREEZE)
   model = setup.model
+  reward = lambda params, noise, batch: member_reward(model, params, *batch, noise)
 
   def rewards(params, ids, mask, key, generation):
-    def pair(k):
-      noise = noise_lib.member_noise(spec, key, generation, params, 2 * k)
-      signed = lambda sign: member_reward(model, params, ids, mask,
-                                          noise_lib.scale_noise(noise, sign))
-      return jax.vmap(signed)(jnp.array(SIGNS))
-    return jax.vmap(pair)(jnp.arange(spec.num_pairs)).reshape(-1)
+    return es_jax.population_rewards(reward, spec, key, generation, params, (ids, mask),
+                                     reward_input="noise")
 
   # key and generation are arguments, not constants, so XLA cannot fold the draw away.
   return common.compile_program(rewards, setup.params, setup.ids, setup.mask, jax.random.key(2),
@@ -159,15 +158,11 @@ def full_rank_program(setup: Setup, population: int, chunk: int) -> common.Progr
   """Vanilla ES as es_step(rank=None) runs it, members in chunks of ``chunk``."""
   spec = noise_lib.NoiseSpec(population=population, sigma=SIGMA, rank=None, freeze=FREEZE)
   model = setup.model
+  reward = lambda member_params, batch: member_reward(model, member_params, *batch)
 
   def rewards(params, ids, mask, key, generation):
-    def pair(k):
-      noise = noise_lib.member_noise(spec, key, generation, params, 2 * k)
-      signed = lambda sign: member_reward(
-          model, noise_lib.perturb(params, noise_lib.scale_noise(noise, sign)), ids, mask)
-      return jax.vmap(signed)(jnp.array(SIGNS))
-    out = jax.lax.map(pair, jnp.arange(spec.num_pairs), batch_size=max(1, chunk // 2))
-    return out.reshape(-1)
+    return es_jax.population_rewards(reward, spec, key, generation, params, (ids, mask),
+                                     reward_input="params", chunk_size=chunk)
 
   return common.compile_program(rewards, setup.params, setup.ids, setup.mask, jax.random.key(2),
                                 jnp.int32(0))
@@ -175,7 +170,8 @@ def full_rank_program(setup: Setup, population: int, chunk: int) -> common.Progr
 
 def evosax_program(setup: Setup, population: int) -> common.Program:
   """evosax's OpenES ask() (N full parameter vectors) driving the same model."""
-  from evosax.algorithms import Open_ES  # The bench extra; imported only when run.
+  # The bench extra; imported only when run.
+  Open_ES = common.import_bench_dependency("evosax.algorithms").Open_ES  # noqa: N806
 
   solution = perturbed_part(setup.params)
   strategy = Open_ES(population_size=population, solution=solution, optimizer=optax.sgd(1e-3),
@@ -303,14 +299,4 @@ def build_profile_program(method: str, setup: Setup, population: int) -> common.
 def normals_per_draw(setup: Setup, rank: int) -> int:
   """Normals in one pair's low-rank noise tree (matrices r(m+n), vectors their size)."""
   spec = noise_lib.NoiseSpec(population=2, sigma=SIGMA, rank=rank, freeze=FREEZE)
-  total = 0
-  flat, _ = jax.tree_util.tree_flatten_with_path(setup.params)
-  for path, x in flat:
-    kind = noise_lib.leaf_kind(spec, noise_lib.path_str(path), tuple(x.shape))
-    if kind == "full":
-      total += int(np.prod(x.shape))
-    elif kind == "lowrank":
-      m, n = noise_lib.matrix_shape(tuple(x.shape))
-      total += rank * (m + n)
-  return total
-
+  return noise_lib.normals_per_draw(spec, setup.params)

@@ -41,7 +41,7 @@ import es_jax
 from benchmarks import common
 from benchmarks.forward import FREEZE, SIGMA, Setup, member_reward
 from es_jax import noise as noise_lib
-from es_jax.models.generate import decode, decode_population
+from es_jax.models import decode, decode_population
 
 PyTree = Any
 LEARNING_RATE = 1e-3

@@ -76,8 +76,7 @@ def main(argv=None):
   checksum_s = time.perf_counter() - start
   # The full model's patch: its header lists every tensor; the checksum is 64 hex digits.
   patch = es_jax.Patch(recipe=recipe, fitness_history=history, base_sha256="0" * 64,
-                       base_tensors=tuple((p, d, tuple(s)) for p, d, s in
-                                          es_jax.patch._tensors(full_shapes)))
+                       base_tensors=es_jax.tensor_manifest(full_shapes))
   with tempfile.TemporaryDirectory() as tmp:
     patch_bytes = os.path.getsize(es_jax.save_patch(os.path.join(tmp, "run.espatch"), patch))
   header_bytes = len(json.dumps(patch.header(), sort_keys=True, separators=(",", ":")))

@@ -44,15 +44,9 @@ What is measured (all in one process, float32, default JAX device):
   the noise drawn once per member instead of once per antithetic pair.
 * A sweep over B (tokens per member) at a small N (throughput per member-token
   of every method is nearly independent of N).
-* PRNG: time to generate one generation's noise (``member_noise`` for all N
-  members under jit + vmap) with threefry2x32 (default and with
-  ``jax_threefry_partitionable=False``), rbg and unsafe_rbg keys; and whether
-  each gives a member the same noise alone, inside a vmap over members, and in
-  ``lax.map`` chunks, whether antithetic partners stay exact negatives inside
-  a vmap, and whether ``es_jax.noise.weighted_sum`` (the update, which draws per
-  pair in its own batching) agrees with the forward's noise. The safety check
-  uses a small tree (one 64 x 48 kernel and a bias): the property does not
-  depend on sizes, and threefry programs are slow to compile.
+* PRNG (:mod:`benchmarks.prng`): one generation's noise per key implementation
+  (threefry2x32, rbg, unsafe_rbg), and whether a member's noise is independent
+  of how the members are batched.
 
 Timings depend on what else runs on the machine: the JSON records the load
 average before and after.
@@ -70,23 +64,21 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import time
-from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import es_jax
 from benchmarks import common
+from benchmarks import prng
 from es_jax import noise as noise_lib
-from es_jax.noise import LowRank, NoiseSpec
+from es_jax.noise import NoiseSpec
 
-SIGMA = 1e-2
 FULL_RANK_CHUNK = 64
-PRNG_IMPLS = ("threefry2x32", "threefry2x32/non-partitionable", "rbg", "unsafe_rbg")
+# A timing budget no method reaches: every method is timed in every round.
+EVERY_ROUND_S = 1e9
 MAIN_METHODS = ("plain", "fast r=1", "fast r=4", "full-rank")
 SWEEP_METHODS = ("plain", "fast r=1", "full-rank")
 VARIANT_METHODS = ("per-member x r=1", "noise given r=1", "noise given, per-member x r=1",
@@ -113,9 +105,6 @@ FULL = Grid(width=384, depth=4, tokens=16, populations=(64, 256, 1024), variant_
             sweep_population=64, sweep_tokens=(8, 64), full_noise_population=16, repeats=5)
 QUICK = Grid(width=128, depth=2, tokens=8, populations=(8, 32), variant_population=32,
              sweep_population=8, sweep_tokens=(32,), full_noise_population=4, repeats=5)
-# The batching-safety check only needs one kernel and one vector leaf (cheap to compile).
-SAFETY_SHAPES = {"dense_0": {"kernel": jax.ShapeDtypeStruct((64, 48), jnp.float32),
-                             "bias": jax.ShapeDtypeStruct((48,), jnp.float32)}}
 
 
 class Mlp(nn.Module):
@@ -132,24 +121,6 @@ class Mlp(nn.Module):
       if i < self.depth - 1:
         x = nn.gelu(x)
     return x
-
-
-# --------------------------------------------------------------------------- timing
-
-
-@dataclasses.dataclass
-class Timing:
-  compile_s: float
-  median_s: float
-  min_s: float
-  times_s: list[float]
-
-
-def compile_and_warm(fn: Callable, *args) -> tuple[float, Callable[[], Any]]:
-  """Compile time of ``jit(fn)`` (lower + compile) and a warmed-up call."""
-  program = common.compile_program(fn, *args)
-  jax.block_until_ready(program.call())  # warm-up
-  return program.lower_s + program.compile_s, program.call
 
 
 # --------------------------------------------------------------------------- forwards
@@ -219,10 +190,6 @@ def full_rank_forward(model: nn.Module, spec: NoiseSpec, chunk: int):
   return fn
 
 
-def _is_noise_leaf(x) -> bool:
-  return x is None or isinstance(x, LowRank)
-
-
 # --------------------------------------------------------------------------- grid
 
 
@@ -232,7 +199,7 @@ class Row:
   method: str
   population: int
   tokens: int
-  timing: Timing
+  timing: common.Measurement
 
   @property
   def throughput(self) -> float:
@@ -246,13 +213,9 @@ def setup(grid: Grid, tokens: int):
   return model, params, x
 
 
-def spec_for(population: int, rank: int | None) -> NoiseSpec:
-  return NoiseSpec(population=population, sigma=SIGMA, rank=rank)
-
-
 def measure_methods(grid: Grid, section: str, population: int, tokens: int,
-                    methods: tuple[str, ...]) -> list[Row]:
-  """Times the named methods at one (N, B), interleaved.
+                    methods: tuple[str, ...], probe: common.MemoryProbe) -> list[Row]:
+  """Times the named methods at one (N, B), interleaved (:func:`benchmarks.common.compare`).
 
   All methods are compiled and warmed up first; then each of ``grid.repeats``
   rounds times every method once, so that the load of a shared machine hits
@@ -260,19 +223,16 @@ def measure_methods(grid: Grid, section: str, population: int, tokens: int,
   """
   model, params, x = setup(grid, tokens)
   key, generation = jax.random.key(2), jnp.int32(0)
-  calls = {}
+  label = f"[{section}] N={population} B={tokens}"
+  programs = {}
   for method in methods:
     fn, args = build(method, model, params, x, key, generation, population)
-    common.log(f"[{section}] N={population} B={tokens} compiling {method} ...")
-    calls[method] = compile_and_warm(fn, *args)
-  times = {method: [] for method in methods}
-  for i in range(grid.repeats):
-    common.log(f"[{section}] N={population} B={tokens} round {i + 1}/{grid.repeats}")
-    for method, (_, call) in calls.items():
-      times[method].append(common.time_call(call))
-  return [Row(section_of(section, method), method, population, tokens,
-              Timing(calls[method][0], statistics.median(t), min(t), t))
-          for method, t in times.items()]
+    common.log(f"{label} compiling {method} ...")
+    programs[method] = common.compile_program(fn, *args)
+  measured = common.compare(programs, probe, max_repeats=grid.repeats, budget_s=EVERY_ROUND_S,
+                            label=label)
+  return [Row(section_of(section, method), method, population, tokens, measured[method])
+          for method in methods]
 
 
 def methods_at(grid: Grid, population: int) -> tuple[str, ...]:
@@ -294,9 +254,10 @@ def build(method: str, model, params, x, key, generation, population: int):
     return plain_forward(model, population), (params, key, generation, x_rows)
   if method == "full-rank":
     chunk = min(population, FULL_RANK_CHUNK)
-    return full_rank_forward(model, spec_for(population, None), chunk), (params, key, generation, x)
+    spec = prng.spec_for(population, None)
+    return full_rank_forward(model, spec, chunk), (params, key, generation, x)
   rank = 4 if "r=4" in method else 1
-  spec = spec_for(population, rank)
+  spec = prng.spec_for(population, rank)
   if method.startswith("fast r="):
     return fast_forward(model, spec), (params, key, generation, x)
   if method.startswith("per-member x"):
@@ -315,106 +276,6 @@ def build(method: str, model, params, x, key, generation, population: int):
 
 
 
-# --------------------------------------------------------------------------- PRNG
-
-
-def prng_key(impl: str) -> jax.Array:
-  return jax.random.key(0, impl=impl.split("/")[0])
-
-
-def in_prng_mode(impl: str):
-  return jax.threefry_partitionable(not impl.endswith("non-partitionable"))
-
-
-def noise_fn(spec: NoiseSpec, shapes):
-  def fn(key, generation):
-    return jax.vmap(lambda i: noise_lib.member_noise(spec, key, generation, shapes, i))(
-        jnp.arange(spec.population))
-  return fn
-
-
-def measure_prng_speed(grid: Grid, shapes) -> list[dict]:
-  cases = [(grid.variant_population, 1), (grid.full_noise_population, None)]
-  results = []
-  for population, rank in cases:
-    spec = spec_for(population, rank)
-    normals = population * sum(_normals_per_member(spec, s.shape) for s in jax.tree.leaves(shapes))
-    calls = {}
-    for impl in PRNG_IMPLS:
-      common.log(f"[prng] N={population} rank={rank} compiling {impl} ...")
-      with in_prng_mode(impl):
-        calls[impl] = compile_and_warm(noise_fn(spec, shapes), prng_key(impl), jnp.int32(0))
-    times = {impl: [] for impl in PRNG_IMPLS}
-    for _ in range(grid.repeats):  # interleaved rounds, as in measure_methods
-      for impl, (_, call) in calls.items():
-        times[impl].append(common.time_call(call))
-    for impl, t in times.items():
-      median = statistics.median(t)
-      results.append(dict(impl=impl, population=population, rank=rank, normals=normals,
-                          compile_s=calls[impl][0], median_s=median, min_s=min(t), times_s=t,
-                          normals_per_s=normals / median))
-  return results
-
-
-def _normals_per_member(spec: NoiseSpec, shape) -> int:
-  if len(shape) < 2 or spec.rank is None:
-    return int(np.prod(shape))
-  rows, cols = noise_lib.matrix_shape(tuple(shape))
-  return spec.rank * (rows + cols)
-
-
-def _member(tree, i: int):
-  return jax.tree.map(lambda leaf: leaf[i], tree)
-
-
-def _dense(noise_tree, shapes) -> list[np.ndarray]:
-  dense = jax.tree.map(lambda n, s: noise_lib.materialize(n, s.shape), noise_tree, shapes,
-                       is_leaf=_is_noise_leaf)
-  return [np.asarray(leaf) for leaf in jax.tree.leaves(dense)]
-
-
-def _max_diff(xs: list[np.ndarray], ys: list[np.ndarray]) -> float:
-  return max(float(np.max(np.abs(x - y))) for x, y in zip(xs, ys))
-
-
-def check_prng_consistency(impl: str, shapes, population: int = 8, chunk: int = 4) -> dict:
-  """Is a member's noise independent of how the members are batched?"""
-  spec = spec_for(population, 1)
-  key, generation = prng_key(impl), jnp.int32(3)
-  ids = jnp.arange(population, dtype=jnp.int32)
-
-  def one(k, g, i):
-    return noise_lib.member_noise(spec, k, g, shapes, i)
-
-  def batched(k, g, w):
-    vmapped = jax.vmap(lambda i: one(k, g, i))(ids)
-    chunked = jax.lax.map(lambda i: one(k, g, i), ids, batch_size=chunk)
-    update = noise_lib.weighted_sum(spec, k, g, shapes, w, chunk_size=max(1, chunk // 2))
-    return vmapped, chunked, update
-
-  weights = jax.random.normal(jax.random.key(5), (spec.num_pairs,))
-  with in_prng_mode(impl):
-    single = jax.jit(one)
-    alone = [_dense(single(key, generation, i), shapes) for i in ids]
-    vmapped, chunked, update = jax.jit(batched)(key, generation, weights)
-  in_vmap = [_dense(_member(vmapped, i), shapes) for i in range(population)]
-  in_chunks = [_dense(_member(chunked, i), shapes) for i in range(population)]
-  # The update's unit-noise sum, rebuilt from the forward's (vmapped) member noise.
-  expected = [sum(float(w) * leaf / SIGMA for w, leaf in zip(weights, leaves))
-              for leaves in zip(*in_vmap[::2])]
-  got = [np.asarray(leaf) for leaf in jax.tree.leaves(update)]
-  scale = max(float(np.max(np.abs(e))) for e in expected)
-  return dict(
-      impl=impl, population=population, chunk=chunk,
-      members_same_alone_vs_vmap=sum(_max_diff(a, v) == 0 for a, v in zip(alone, in_vmap)),
-      members_same_alone_vs_chunks=sum(_max_diff(a, c) == 0 for a, c in zip(alone, in_chunks)),
-      max_diff_alone_vs_vmap_in_sigmas=max(_max_diff(a, v) for a, v in zip(alone, in_vmap)) / SIGMA,
-      antithetic_pairs_exact_in_vmap=sum(
-          _max_diff(in_vmap[2 * k], [-x for x in in_vmap[2 * k + 1]]) == 0
-          for k in range(spec.num_pairs)),
-      update_rel_error=_max_diff(expected, got) / scale)
-
-
 # --------------------------------------------------------------------------- report
 
 
@@ -429,7 +290,12 @@ def paired_speedup(row: Row, reference: Row | None) -> float | None:
   """Median over rounds of reference time / row time (same round, same N and B)."""
   if reference is None:
     return None
-  return statistics.median(r / t for r, t in zip(reference.timing.times_s, row.timing.times_s))
+  return common.paired_ratio(reference.timing.times_s, row.timing.times_s)
+
+
+def compile_seconds(timing: common.Measurement) -> float:
+  """Trace, lower and compile: the "compile s" of the tables and the JSON."""
+  return timing.lower_s + timing.compile_s
 
 
 def timing_table(rows: list[Row], all_rows: list[Row]) -> str:
@@ -439,7 +305,7 @@ def timing_table(rows: list[Row], all_rows: list[Row]) -> str:
     vs_plain = paired_speedup(row, _find(all_rows, "plain", row.population, row.tokens))
     vs_full = paired_speedup(row, _find(all_rows, "full-rank", row.population, row.tokens))
     body.append([
-        row.population, row.tokens, row.method, f"{row.timing.compile_s:.2f}",
+        row.population, row.tokens, row.method, f"{compile_seconds(row.timing):.2f}",
         f"{row.timing.median_s * 1e3:.1f}", f"{row.timing.min_s * 1e3:.1f}",
         f"{row.throughput:,.0f}",
         "-" if vs_plain is None else f"{vs_plain:.2f}x",
@@ -449,22 +315,6 @@ def timing_table(rows: list[Row], all_rows: list[Row]) -> str:
   return common.markdown_table(headers, body)
 
 
-def prng_tables(speed: list[dict], safety: list[dict]) -> str:
-  speed_rows = [[s["population"], s["rank"], s["impl"], f"{s['compile_s']:.2f}",
-                 f"{s['median_s'] * 1e3:.1f}", f"{s['normals_per_s'] / 1e6:.1f}"] for s in speed]
-  safety_rows = [[s["impl"], f"{s['members_same_alone_vs_vmap']}/{s['population']}",
-                  f"{s['members_same_alone_vs_chunks']}/{s['population']}",
-                  f"{s['max_diff_alone_vs_vmap_in_sigmas']:.3g}",
-                  f"{s['antithetic_pairs_exact_in_vmap']}/{s['population'] // 2}",
-                  f"{s['update_rel_error']:.2g}"] for s in safety]
-  return "\n\n".join([
-      common.markdown_table(["N", "rank", "impl", "compile s", "median ms", "M normals/s"],
-                            speed_rows),
-      common.markdown_table(["impl", "same alone vs vmap", "same alone vs chunks",
-                      "max abs diff alone vs vmap / sigma", "antithetic exact in vmap",
-                      "update rel. error"], safety_rows)])
-
-
 def row_dict(row: Row, all_rows: list[Row]) -> dict:
   return dict(section=row.section, method=row.method, population=row.population,
               tokens=row.tokens, throughput_tokens_per_s=row.throughput,
@@ -472,7 +322,8 @@ def row_dict(row: Row, all_rows: list[Row]) -> dict:
                   row, _find(all_rows, "plain", row.population, row.tokens)),
               speedup_vs_full_rank=paired_speedup(
                   row, _find(all_rows, "full-rank", row.population, row.tokens)),
-              **dataclasses.asdict(row.timing))
+              compile_s=compile_seconds(row.timing), median_s=row.timing.median_s,
+              min_s=row.timing.min_s, times_s=row.timing.times_s)
 
 
 # --------------------------------------------------------------------------- main
@@ -481,15 +332,19 @@ def row_dict(row: Row, all_rows: list[Row]) -> dict:
 def run(grid: Grid) -> tuple[dict, str]:
   load_before = os.getloadavg()
   start = time.perf_counter()
+  probe = common.MemoryProbe()
   rows = [row for n in grid.populations
-          for row in measure_methods(grid, "main", n, grid.tokens, methods_at(grid, n))]
+          for row in measure_methods(grid, "main", n, grid.tokens, methods_at(grid, n), probe)]
   main_rows = [r for r in rows if r.section == "main"]
   variant_rows = [r for r in rows if r.section == "variants"]
   sweep_rows = [row for b in grid.sweep_tokens
-                for row in measure_methods(grid, "sweep", grid.sweep_population, b, SWEEP_METHODS)]
+                for row in measure_methods(grid, "sweep", grid.sweep_population, b, SWEEP_METHODS,
+                                           probe)]
   shapes = jax.eval_shape(lambda: setup(grid, grid.tokens)[1])
-  speed = measure_prng_speed(grid, shapes)
-  safety = [check_prng_consistency(impl, SAFETY_SHAPES) for impl in PRNG_IMPLS]
+  speed = prng.measure_prng_speed(shapes, [(grid.variant_population, 1),
+                                            (grid.full_noise_population, None)],
+                                   repeats=grid.repeats, probe=probe)
+  safety = [prng.check_prng_consistency(impl, prng.SAFETY_SHAPES) for impl in prng.PRNG_IMPLS]
   all_rows = main_rows + variant_rows + sweep_rows
   sweep_with_b16 = [r for r in main_rows if r.population == grid.sweep_population
                     and r.method in SWEEP_METHODS] + sweep_rows
@@ -502,9 +357,9 @@ def run(grid: Grid) -> tuple[dict, str]:
       f"## Tokens per member (B) at N={grid.sweep_population}",
       timing_table(sweep_with_b16, all_rows),
       "## PRNG: one generation's noise (jit + vmap over members), and batching safety",
-      prng_tables(speed, safety)])
+      prng.prng_tables(speed, safety)])
   results = dict(
-      grid=dataclasses.asdict(grid), sigma=SIGMA, full_rank_chunk=FULL_RANK_CHUNK,
+      grid=dataclasses.asdict(grid), sigma=prng.SIGMA, full_rank_chunk=FULL_RANK_CHUNK,
       machine=common.machine(), load_average_before=load_before, load_average_after=os.getloadavg(),
       total_wall_s=time.perf_counter() - start,
       timings=[row_dict(r, all_rows) for r in all_rows], prng_speed=speed, prng_safety=safety)

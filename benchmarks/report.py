@@ -276,7 +276,8 @@ PANELS = {"throughput": "member-tokens / s", "ratio": "throughput / plain infere
 
 def forward_figure(rows: list[Row], panels: tuple[str, ...] = ("throughput", "ratio")):
   """One row of panels per entry of ``panels``, one column per model, x = population N."""
-  from matplotlib.figure import Figure  # Object API: no pyplot global state.
+  # Object API: no pyplot global state.
+  Figure = common.import_bench_dependency("matplotlib.figure").Figure  # noqa: N806
 
   forward = select(rows, section="forward")
   models = list(dict.fromkeys(r["model"] for r in forward))

@@ -1,6 +1,8 @@
 """es_jax: Evolution Strategies for fine-tuning language models in JAX."""
 
+from es_jax import noise
 from es_jax import shaping
+from es_jax import sharding
 from es_jax.awd import AnchoredWeightDecayState
 from es_jax.awd import anchored_weight_decay
 from es_jax.es import EsConfig
@@ -8,6 +10,7 @@ from es_jax.es import EsState
 from es_jax.es import es_step
 from es_jax.es import member_noise
 from es_jax.es import member_params
+from es_jax.es import population_rewards
 from es_jax.layers import Dense
 from es_jax.mitigations import AnchoredNormCapState
 from es_jax.mitigations import SparsifiedUpdatesState
@@ -24,6 +27,7 @@ from es_jax.patch import load_patch
 from es_jax.patch import make_patch
 from es_jax.patch import params_sha256
 from es_jax.patch import save_patch
+from es_jax.patch import tensor_manifest
 from es_jax.recipe import AwdRecipe
 from es_jax.recipe import EsRecipe
 from es_jax.recipe import EsStepRecipe
@@ -54,6 +58,10 @@ __all__ = [
     "member_params",
     "perturb",
     "shaping",
+    # issue 11: the lower-level modules, public (noise draws, the population mesh axis)
+    "noise",
+    "population_rewards",
+    "sharding",
     "z_score",
     # issue 12: mitigations, per-prompt centring
     "AnchoredNormCapState",
@@ -76,4 +84,5 @@ __all__ = [
     "params_sha256",
     "replay",
     "save_patch",
+    "tensor_manifest",
 ]

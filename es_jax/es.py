@@ -67,7 +67,7 @@ def es_step(
     vector_noise: Literal["full", "frozen"] = "full",
     freeze: tuple[str, ...] | str = (),
     chunk_size: int | None = None,
-    population_axis: str = "pop",
+    population_axis: str = sharding.POP_AXIS,
 ) -> optax.GradientTransformationExtraArgs:
   """Evolution Strategies estimate of the reward gradient, as a descent direction.
 
@@ -165,12 +165,7 @@ def es_step(
     raise ValueError(f"reward_input must be 'params' or 'noise', got {reward_input!r}.")
   if on_failure not in ("exclude", "worst"):
     raise ValueError(f"on_failure must be 'exclude' or 'worst', got {on_failure!r}.")
-  if chunk_size is not None:
-    chunk_size = _checks.integer("chunk_size", chunk_size, minimum=1)
-  if chunk_size is not None and population % chunk_size:
-    raise ValueError(f"chunk_size={chunk_size} must be >= 1 and divide population={population}.")
-  if antithetic and chunk_size is not None and chunk_size % 2:
-    raise ValueError(f"chunk_size={chunk_size} must be even so antithetic pairs stay together.")
+  chunk_size = _check_chunk_size(spec, chunk_size)
   if reward_fn is not None and not callable(reward_fn):
     raise TypeError(f"reward_fn must be callable or None, got {type(reward_fn).__name__}.")
   if not (isinstance(key, jax.Array) and key.shape == ()
@@ -218,7 +213,50 @@ def es_step(
 
 
 def _evaluate(reward_fn, reward_input, config: EsConfig, state: EsState, params, batch):
-  spec = config.noise
+  return population_rewards(reward_fn, config.noise, state.rng_key, state.count, params, batch,
+                            reward_input=reward_input, chunk_size=config.chunk_size,
+                            population_axis=config.population_axis)
+
+
+def population_rewards(reward_fn: RewardFn, spec: NoiseSpec, key: jax.Array, generation,
+                       params: PyTree, batch: Any = None, *,
+                       reward_input: Literal["params", "noise"] = "params",
+                       chunk_size: int | None = None,
+                       population_axis: str | None = sharding.POP_AXIS) -> jax.Array:
+  """Every member's reward for one generation, as :func:`es_step`'s ``update`` computes them.
+
+  Draws each antithetic pair's noise once and evaluates it with both signs
+  (the costly part of a fast-path forward is the draw; flipping the sign is
+  free), members in ``lax.map`` chunks of ``chunk_size`` and split over
+  ``population_axis`` when the ambient mesh has it. For benchmarks and custom
+  loops that need the rewards without an update; inside ``jit``.
+
+  Args:
+    reward_fn: ``reward_fn(member_params, batch)`` or, with ``reward_input="noise"``,
+      ``reward_fn(params, member_noise, batch)``; a scalar per member.
+    spec: the population's noise.
+    key, generation: as in :func:`es_jax.noise.member_noise`.
+    params: the unperturbed params.
+    batch: passed to ``reward_fn``.
+    reward_input: ``"params"`` or ``"noise"`` (see :func:`es_step`).
+    chunk_size: members per chunk, dividing the population (even with
+      antithetic pairs); ``None`` evaluates all at once.
+    population_axis: mesh axis to split the members over.
+
+  Returns:
+    ``(population,)`` float32 rewards in member order.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, es_jax
+    >>> spec = es_jax.NoiseSpec(population=4, sigma=0.5, rank=None)
+    >>> reward = lambda p, batch: jnp.sum(p["w"])
+    >>> r = population_rewards(reward, spec, jax.random.key(0), 0, {"w": jnp.zeros(3)})
+    >>> r.shape, bool(r[0] == -r[1])  # an antithetic pair: +eps and -eps
+    ((4,), True)
+  """
+  if reward_input not in ("params", "noise"):
+    raise ValueError(f"reward_input must be 'params' or 'noise', got {reward_input!r}.")
+  chunk_size = _check_chunk_size(spec, chunk_size)
 
   def reward_of(noise):
     if reward_input == "params":
@@ -231,16 +269,13 @@ def _evaluate(reward_fn, reward_input, config: EsConfig, state: EsState, params,
     return reward.astype(jnp.float32)
 
   def draw_rewards(draw):
-    # One noise draw serves both members of an antithetic pair: drawing is the
-    # costly part of a fast-path forward, flipping the sign is free.
     members_per_draw = 2 if spec.antithetic else 1
-    noise = noise_lib.member_noise(spec, state.rng_key, state.count, params,
-                                   draw * members_per_draw)
+    noise = noise_lib.member_noise(spec, key, generation, params, draw * members_per_draw)
     signs = jnp.array([1.0, -1.0][:members_per_draw])
     return jax.vmap(lambda sign: reward_of(noise_lib.scale_noise(noise, sign)))(signs)
 
-  draws_per_chunk = (config.chunk_size or spec.population) * spec.num_pairs // spec.population
-  axis = config.population_axis
+  draws_per_chunk = (chunk_size or spec.population) * spec.num_pairs // spec.population
+  axis = population_axis
   if draws_per_chunk % sharding.axis_size(axis):
     raise ValueError(
         f"{draws_per_chunk} noise draws per chunk cannot be split over the "
@@ -248,10 +283,22 @@ def _evaluate(reward_fn, reward_input, config: EsConfig, state: EsState, params,
         "population) a multiple of the axis size (times 2 with antithetic sampling).")
   draws = jnp.arange(spec.num_pairs, dtype=jnp.int32).reshape(-1, draws_per_chunk)
   rewards = jax.lax.map(
-      lambda ids: jax.vmap(draw_rewards)(sharding.shard_population(ids, axis)), draws)
+      lambda ids: jax.vmap(draw_rewards)(sharding.constrain_population(ids, axis)), draws)
   # One all-gather of N scalars: shaping needs every member's reward. Members
   # 2k and 2k+1 are draw k's (+, -) pair, so row-major order is member order.
   return sharding.replicate(rewards, axis).reshape(-1)
+
+
+def _check_chunk_size(spec: NoiseSpec, chunk_size) -> int | None:
+  if chunk_size is None:
+    return None
+  chunk_size = _checks.integer("chunk_size", chunk_size, minimum=1)
+  if spec.population % chunk_size:
+    raise ValueError(f"chunk_size={chunk_size} must be >= 1 and divide "
+                     f"population={spec.population}.")
+  if spec.antithetic and chunk_size % 2:
+    raise ValueError(f"chunk_size={chunk_size} must be even so antithetic pairs stay together.")
+  return chunk_size
 
 
 def _descent_direction(config: EsConfig, state: EsState, params, rewards):

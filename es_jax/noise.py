@@ -4,6 +4,11 @@ Nothing here stores noise for a population. Every function regenerates what it
 needs from the key, so the forward pass and the update see the same noise, and
 memory stays at one chunk of members at a time.
 
+This is the low-level public layer under :func:`es_jax.es_step` (its names are
+``__all__``): functions of a :class:`NoiseSpec` and an explicit key and
+generation, for benchmarks and custom loops. With an optimizer state,
+:func:`es_jax.member_noise` and :func:`es_jax.member_params` draw the same noise.
+
 Conventions (documented once here, used everywhere):
   * Member ``i`` perturbs the parameters to ``theta + sigma * eps_i``.
   * With antithetic sampling, members ``2k`` and ``2k + 1`` share the draw of
@@ -46,6 +51,28 @@ import numpy as np
 
 from es_jax import _checks
 from es_jax import sharding
+
+__all__ = [
+    "NOISE_CONVENTION",
+    "Group",
+    "Layout",
+    "LowRank",
+    "NoiseSpec",
+    "check_params",
+    "is_noise_leaf",
+    "layout",
+    "leaf_kind",
+    "materialize",
+    "matrix_shape",
+    "member_noise",
+    "normals_per_draw",
+    "num_perturbed",
+    "pair_of",
+    "path_str",
+    "perturb",
+    "scale_noise",
+    "weighted_sum",
+]
 
 PyTree = Any
 LeafKind = Literal["lowrank", "full", "frozen"]
@@ -130,16 +157,19 @@ class NoiseSpec:
 
 
 def path_str(path) -> str:
-  """'/'-joined path of a pytree leaf, e.g. ``'layers_0/attn/q/kernel'``."""
-  parts = []
-  for entry in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        parts.append(str(getattr(entry, attr)))
-        break
-    else:
-      parts.append(str(entry))
-  return "/".join(parts)
+  """'/'-joined path of a pytree leaf, e.g. ``'layers_0/attn/q/kernel'``.
+
+  The names that ``freeze`` regexes, sharding rules and ES patches match: dict
+  keys, attribute names and sequence indices, as ``jax.tree_util.keystr``
+  writes them in its simple form.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> [path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(
+    ...     {"layers_0": {"attn": [jnp.zeros(1), jnp.zeros(2)]}})]
+    ['layers_0/attn/0', 'layers_0/attn/1']
+  """
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def leaf_kind(spec: NoiseSpec, path: str, shape: tuple[int, ...]) -> LeafKind:
@@ -274,6 +304,35 @@ def layout(spec: NoiseSpec, params: PyTree) -> Layout:
   return Layout(treedef, len(leaves), groups)
 
 
+def num_perturbed(spec: NoiseSpec, params: PyTree) -> int:
+  """How many parameters ``spec`` perturbs: the sizes of every leaf that is not frozen.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> spec = NoiseSpec(population=2, sigma=1.0, freeze=("emb",))
+    >>> num_perturbed(spec, {"w": jnp.zeros((3, 4)), "b": jnp.zeros(4), "emb": jnp.zeros((9, 3))})
+    16
+  """
+  return sum(len(g.leaves) * math.prod(g.shape) for g in layout(spec, params).groups)
+
+
+def normals_per_draw(spec: NoiseSpec, params: PyTree) -> int:
+  """How many unit normals one pair's noise draws: ``r (m + n)`` a low-rank leaf, its size else.
+
+  The memory and RNG work of one member's noise (a full-rank draw is as large
+  as the perturbed params).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> params = {"w": jnp.zeros((3, 4)), "b": jnp.zeros(4)}
+    >>> normals_per_draw(NoiseSpec(population=2, sigma=1.0, rank=2), params)  # 2 * (3 + 4) + 4
+    18
+    >>> normals_per_draw(NoiseSpec(population=2, sigma=1.0, rank=None), params)  # 12 + 4
+    16
+  """
+  return sum(math.prod(g.draw_shape(spec.rank)) for g in layout(spec, params).groups)
+
+
 def pair_of(spec: NoiseSpec, member) -> tuple[jax.Array, jax.Array]:
   """(pair index, sign) of a member."""
   member = jnp.asarray(member, jnp.int32)
@@ -294,7 +353,17 @@ def draw_pair(spec: NoiseSpec, key, generation, tree_layout: Layout, pair) -> tu
       for group in tree_layout.groups)
 
 
-def _is_noise_leaf(x) -> bool:
+def is_noise_leaf(x) -> bool:
+  """True for what a noise tree holds at a param leaf (``None``, :class:`LowRank`): ``is_leaf=``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> spec = NoiseSpec(population=2, sigma=1.0, freeze=("b",))
+    >>> noise = member_noise(spec, jax.random.key(0), 0, {"w": jnp.zeros((3, 2)),
+    ...                                                    "b": jnp.zeros(2)}, 0)
+    >>> jax.tree.map(lambda n: type(n).__name__, noise, is_leaf=is_noise_leaf)
+    {'b': 'NoneType', 'w': 'LowRank'}
+  """
   return x is None or isinstance(x, LowRank)
 
 
@@ -333,7 +402,7 @@ def scale_noise(noise: PyTree, factor) -> PyTree:
     if isinstance(n, LowRank):
       return n._replace(scale=n.scale * factor)
     return n * factor
-  return jax.tree.map(leaf, noise, is_leaf=_is_noise_leaf)
+  return jax.tree.map(leaf, noise, is_leaf=is_noise_leaf)
 
 
 def materialize(noise, shape, dtype=jnp.float32) -> jax.Array:
@@ -350,7 +419,7 @@ def perturb(params: PyTree, noise: PyTree) -> PyTree:
   # A frozen leaf stays bit-exact (an integer leaf must not round-trip through float32).
   return jax.tree.map(
       lambda n, p: p if n is None else (p + materialize(n, p.shape, jnp.float32)).astype(p.dtype),
-      noise, params, is_leaf=_is_noise_leaf)
+      noise, params, is_leaf=is_noise_leaf)
 
 
 # Full-rank groups of more pair-chunk normals than this are reduced one pair per
@@ -414,8 +483,8 @@ def _reduce_groups(spec: NoiseSpec, key, generation, groups: list[Group], pair_w
 
   def body(totals, ids_and_w):
     ids, w = ids_and_w
-    ids = sharding.shard_population(ids, population_axis)
-    w = sharding.shard_population(w, population_axis)
+    ids = sharding.constrain_population(ids, population_axis)
+    w = sharding.constrain_population(w, population_axis)
     draws = jax.vmap(lambda p: draw_pair(spec, key, generation, sub_layout, p))(ids)
     out = sharding.reduced_sharding(population_axis)
     parts = []

@@ -60,9 +60,16 @@ class PatchError(ValueError):
   """A patch that cannot be read (truncated, corrupted, unknown) or applied (wrong base)."""
 
 
-def _tensors(params: PyTree) -> list[list[Any]]:
-  return [[noise_lib.path_str(path), np.dtype(x.dtype).name, list(x.shape)]
-          for path, x in jax.tree_util.tree_leaves_with_path(params)]
+def tensor_manifest(params: PyTree) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+  """``(path, dtype, shape)`` of every leaf, in tree order: a :class:`Patch`'s ``base_tensors``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> tensor_manifest({"w": jnp.zeros((2, 3)), "b": jnp.zeros(3, jnp.bfloat16)})
+    (('b', 'bfloat16', (3,)), ('w', 'float32', (2, 3)))
+  """
+  return tuple((noise_lib.path_str(path), np.dtype(x.dtype).name, tuple(x.shape))
+               for path, x in jax.tree_util.tree_leaves_with_path(params))
 
 
 def params_sha256(params: PyTree) -> str:
@@ -80,7 +87,7 @@ def params_sha256(params: PyTree) -> str:
     False
   """
   digest = hashlib.sha256()
-  for (path, dtype, shape), leaf in zip(_tensors(params), jax.tree.leaves(params)):
+  for (path, dtype, shape), leaf in zip(tensor_manifest(params), jax.tree.leaves(params)):
     digest.update(json.dumps([path, dtype, shape]).encode() + b"\x00")
     host = np.ascontiguousarray(jax.device_get(leaf))
     if host.dtype.byteorder == ">" or (host.dtype.byteorder == "=" and sys.byteorder == "big"):
@@ -189,7 +196,7 @@ def make_patch(recipe: EsRecipe, theta0: PyTree, fitness_history: Any, *,
   metadata = dict(metadata or {})
   json.dumps(metadata, allow_nan=False)  # fails now, not at save time
   return Patch(recipe=recipe, fitness_history=history, base_sha256=params_sha256(theta0),
-               base_tensors=tuple((p, d, tuple(s)) for p, d, s in _tensors(theta0)),
+               base_tensors=tensor_manifest(theta0),
                metadata=metadata)
 
 
@@ -214,7 +221,7 @@ def load_patch(path: str | os.PathLike) -> Patch:
 
 def check_base(patch: Patch, params: PyTree) -> None:
   """Raises :class:`PatchError` unless ``params`` is the theta_0 the patch was made from."""
-  got = {p: (d, tuple(s)) for p, d, s in _tensors(params)}
+  got = {p: (d, tuple(s)) for p, d, s in tensor_manifest(params)}
   want = {p: (d, s) for p, d, s in patch.base_tensors}
   missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
   if missing or extra:

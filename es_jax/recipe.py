@@ -35,6 +35,7 @@ from es_jax import awd
 from es_jax import es
 from es_jax import mitigations
 from es_jax import shaping
+from es_jax import sharding
 
 RECIPE_VERSION = 1
 
@@ -93,7 +94,7 @@ class EsStepRecipe:
   vector_noise: Literal["full", "frozen"] = "full"
   freeze: tuple[str, ...] = ()
   chunk_size: int | None = None
-  population_axis: str = "pop"
+  population_axis: str = sharding.POP_AXIS
 
   def __post_init__(self):
     _coerce_fields(self, ints=("population", "seed"),

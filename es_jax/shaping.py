@@ -90,10 +90,9 @@ def centered_rank(rewards: jax.Array) -> jax.Array:
   """Ranks mapped linearly to ``[-0.5, 0.5]`` (OpenAI-ES); ties share their mean rank."""
   valid, r = _valid(rewards)
   count = valid.sum()
-  # Rank among valid members only: count valid members below, plus half the ties.
-  below = (valid[None, :] & (r[None, :] < r[:, None])).sum(axis=1)
-  ties = (valid[None, :] & (r[None, :] == r[:, None])).sum(axis=1) - 1
-  rank = below + 0.5 * ties
+  # Rank among valid members only (0-based, ties averaged): failed members go above
+  # every finite reward, so they do not move a valid member's rank.
+  rank = jax.scipy.stats.rankdata(jnp.where(valid, r, jnp.inf), method="average") - 1
   shaped = rank / jnp.maximum(count - 1, 1) - 0.5
   return jnp.where(valid, shaped, 0.0)
 

@@ -282,3 +282,24 @@ def test_dense_with_feature_axes_and_bias_takes_lowrank_noise():
   dense = es_jax.perturb(params, noise)
   want = (np.asarray(X) @ np.asarray(dense["kernel"]).reshape(7, 15) + np.asarray(dense["bias"]))
   np.testing.assert_allclose(got.reshape(9, 15), want, atol=1e-5)
+
+
+def test_population_rewards_are_each_members_reward_in_member_order():
+  """The public routine es_step evaluates with, against each member's params formed in float64."""
+  spec = es_jax.NoiseSpec(population=6, sigma=0.1, rank=2)
+  key, generation = jax.random.key(3), 4
+  rewards = np.asarray(jax.jit(lambda p: es_jax.population_rewards(
+      quadratic, spec, key, generation, p, chunk_size=2))(THETA))
+  expected = []
+  for member in range(spec.population):
+    noise = es_jax.noise.member_noise(spec, key, generation, THETA, member)
+    member_params = {k: np.float64(THETA[k]) + np.asarray(
+        es_jax.materialize(noise[k], THETA[k].shape), np.float64) for k in THETA}
+    expected.append(-sum(np.sum((member_params[k] - np.float64(TARGET[k])) ** 2) for k in THETA))
+  np.testing.assert_allclose(rewards, expected, rtol=1e-5)
+  # The fast path (reward of params and noise) gives the same rewards.
+  fast = es_jax.population_rewards(lambda p, n, batch: quadratic(es_jax.perturb(p, n)), spec, key,
+                                   generation, THETA, reward_input="noise")
+  np.testing.assert_allclose(np.asarray(fast), rewards, rtol=1e-6)
+  with pytest.raises(ValueError, match="chunk_size=4 must be >= 1 and divide population=6"):
+    es_jax.population_rewards(quadratic, spec, key, generation, THETA, chunk_size=4)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from es_jax.models import decoding
 from es_jax.models import generate as gen
+from es_jax import sharding as pop_sharding
 from es_jax.models import sharding
 from es_jax.models.tokenizer import char_tokenizer
 from model_fixtures import (jit_logits, left_padded_batch, member, perturb, population_noise,
@@ -101,7 +103,7 @@ def test_population_decoding_on_a_2x4_mesh_matches_single_device():
   mesh = jax.make_mesh((2, 4), ("pop", "model"))
   with jax.set_mesh(mesh):
     out = gen.decode_population(
-        model, sharding.shard_params(params, mesh), sharding.shard_population(noise, mesh),
+        model, sharding.shard_params(params, mesh), pop_sharding.place_population(noise, mesh),
         ids, mask, max_new_tokens=MAX_NEW, eos_ids=(2,))
   np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
 
@@ -155,10 +157,10 @@ def test_text_api_chat_template_stop_strings_and_population():
     assert cut[0] == texts[0][:texts[0].index(stop)]
 
   # A different prompt length in the same bucket reuses the compiled program.
-  compiled = gen._decode_jit._cache_size()
+  compiled = decoding._decode_jit._cache_size()
   gen.generate_text(model, params, tok, ["1+1=", "say hello", ""], chat_template=True,
                     max_new_tokens=MAX_NEW, pad_to_multiple=16)
-  assert gen._decode_jit._cache_size() == compiled
+  assert decoding._decode_jit._cache_size() == compiled
 
   noise = population_noise(NAME)
   population = gen.generate_text_population(model, params, tok, prompts, noise,

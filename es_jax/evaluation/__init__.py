@@ -6,6 +6,11 @@ takes the model as a callable (see :mod:`es_jax.evaluation.runner`).
 
 from __future__ import annotations
 
+from es_jax import _extras
+
+# Before the submodules: without the extra, say which one to install.
+_extras.require("eval", "es_jax.evaluation", ("tqdm",))
+
 from es_jax.evaluation.arithmetic import (
     ArithmeticExample,
     ArithmeticTask,

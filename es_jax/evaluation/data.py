@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from es_jax import _extras
+
 LOCAL_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet", ".csv")
 
 
@@ -67,7 +69,8 @@ def _read_json_lines_strictly(path: Path, task: str) -> list[dict[str, Any]]:
 
 
 def _load_local(path: Path, task: str) -> list[dict[str, Any]]:
-  import datasets  # imported lazily: parsing and rewards must not need it
+  # Imported lazily: parsing and rewards must not need it.
+  datasets = _extras.import_module("datasets", extra="eval", user="reading data files")
 
   path = path.expanduser()
   if not path.exists():
@@ -96,7 +99,7 @@ def _load_local(path: Path, task: str) -> list[dict[str, Any]]:
 
 
 def _load_hub(name: str, config: str | None, split: str, task: str) -> list[dict[str, Any]]:
-  import datasets
+  datasets = _extras.import_module("datasets", extra="eval", user="loading hub datasets")
 
   try:
     ds = datasets.load_dataset(name, config, split=split) if config else datasets.load_dataset(

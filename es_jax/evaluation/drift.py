@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from es_jax import noise
+
 GroupRule = tuple[str, str]
 
 
@@ -44,13 +46,6 @@ DEFAULT_GROUP_RULES: tuple[GroupRule, ...] = (
 OTHER_GROUP = "other"
 
 
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
 def flatten_with_paths(tree: Any) -> dict[str, Any]:
   """Maps each leaf's ``"/"``-joined path to the leaf.
 
@@ -61,10 +56,10 @@ def flatten_with_paths(tree: Any) -> dict[str, Any]:
   """
   flat = {}
   for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = [_key_name(k) for k in keypath]
-    if keypath and isinstance(keypath[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
-      names = names[:-1]  # NNX Variable wrapper, not part of the parameter's name
-    flat["/".join(names)] = leaf
+    last = keypath[-1] if keypath else None
+    if isinstance(last, jax.tree_util.GetAttrKey) and last.name == "value":
+      keypath = keypath[:-1]  # NNX Variable wrapper, not part of the parameter's name
+    flat[noise.path_str(keypath)] = leaf
   return flat
 
 

@@ -19,6 +19,8 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from es_jax._buckets import round_up
+
 
 class LogitsFn(Protocol):
   """``logits_fn(input_ids, attention_mask) -> logits``.
@@ -86,16 +88,6 @@ def _prefix_token_id(tokenizer: Any) -> int:
       return int(token_id)
   raise ValueError("an empty context needs a prefix token, but the tokenizer has neither "
                    "bos_token_id nor eos_token_id")
-
-
-def round_up(n: int, multiple: int) -> int:
-  """``n`` rounded up to a multiple of ``multiple`` (at least one multiple).
-
-  Example:
-    >>> round_up(17, 16), round_up(0, 16)
-    (32, 16)
-  """
-  return max(1, -(-n // multiple)) * multiple
 
 
 def _log_softmax_rows(logits: np.ndarray) -> np.ndarray:

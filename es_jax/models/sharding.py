@@ -4,18 +4,22 @@ Megatron-style rules along the ``'model'`` axis: q/k/v (by head) and
 gate/up are column-sharded, o and down row-sharded, so each block needs one
 all-reduce after attention and one after the MLP; the embedding is sharded
 on the vocabulary and the untied head on its output (vocabulary) axis. Norm
-scales stay replicated. The ES population lives on the ``'pop'`` axis: noise
-trees and per-member activations are split there, params are replicated on
-it. An axis that does not divide a dimension is dropped for that leaf (the
-leaf is replicated along it), so any model runs on any mesh.
+scales stay replicated. The ES population lives on the ``'pop'`` axis
+(:data:`es_jax.sharding.POP_AXIS`; placing and constraining it is
+:mod:`es_jax.sharding`'s): noise trees and per-member activations are split
+there, params are replicated on it. An axis that does not divide a dimension
+is dropped for that leaf (the leaf is replicated along it), so any model runs
+on any mesh.
 
 Example::
 
-  mesh = jax.make_mesh((2, 4), ("pop", "model"))
+  from es_jax import noise
+from es_jax.sharding import POP_AXIS, place_population
+  mesh = jax.make_mesh((2, 4), (POP_AXIS, MODEL_AXIS))
   with jax.set_mesh(mesh):
     params = shard_params(params, mesh)
-    noise = shard_population(population_noise, mesh)
-    tokens = generate_population(model, params, noise, ids, mask, max_new_tokens=32)
+    noise = place_population(population_noise, mesh)  # stacked member noise trees
+    out = decode_population(model, params, noise, ids, mask, max_new_tokens=32)
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from typing import Any, Callable
 import jax
 from jax.sharding import AxisType, NamedSharding
 
+from es_jax import noise
+
 P = jax.P
 PyTree = Any
 
 MODEL_AXIS = "model"
-POP_AXIS = "pop"
 
 # (regex on the '/'-joined param path, spec with "model" standing for the model axis).
 PARTITION_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
@@ -43,10 +48,6 @@ PARTITION_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"embed/embedding$", (MODEL_AXIS, None)),             # (V, D): by vocabulary
     (r"lm_head/kernel$", (None, MODEL_AXIS)),              # (D, V)
 )
-
-
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def spec_for(path: str, shape: tuple[int, ...], *, model_axis: str = MODEL_AXIS,
@@ -92,7 +93,7 @@ def param_specs(params: PyTree, mesh: jax.sharding.Mesh | None = None, *,
   if mesh is not None:
     size = dict(zip(mesh.axis_names, mesh.axis_sizes)).get(model_axis, 1)
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: spec_for(_path_str(path), tuple(x.shape), model_axis=model_axis,
+      lambda path, x: spec_for(noise.path_str(path), tuple(x.shape), model_axis=model_axis,
                                axis_size=size), params)
 
 
@@ -109,39 +110,6 @@ def shard_params(params: PyTree, mesh: jax.sharding.Mesh, *,
   """
   specs = param_specs(params, mesh, model_axis=model_axis)
   return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
-
-
-def population_spec(ndim: int, population: int, mesh, *, pop_axis: str = POP_AXIS):
-  """``P(pop_axis)`` on the leading (member) axis when it divides, else replicated."""
-  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  if pop_axis in sizes and ndim > 0 and population % sizes[pop_axis] == 0:
-    return P(pop_axis, *([None] * (ndim - 1)))
-  return P()
-
-
-def shard_population(tree: PyTree, mesh: jax.sharding.Mesh, *, pop_axis: str = POP_AXIS) -> PyTree:
-  """Splits every array leaf's leading (member) axis over ``pop_axis``, e.g. stacked noise trees.
-
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> mesh = jax.make_mesh((1,), ("pop",))
-    >>> shard_population(jnp.zeros((4, 3)), mesh).sharding.spec
-    P('pop', None)
-  """
-  def put(x):
-    return jax.device_put(x, NamedSharding(mesh, population_spec(x.ndim, x.shape[0], mesh,
-                                                                 pop_axis=pop_axis)))
-  return jax.tree.map(put, tree)
-
-
-def constrain_population(tree: PyTree, *, pop_axis: str = POP_AXIS) -> PyTree:
-  """Inside jit: keeps leaves' leading (member) axis on ``pop_axis`` if the ambient mesh has it."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if pop_axis not in mesh.axis_names:
-    return tree
-  return jax.tree.map(
-      lambda x: jax.lax.with_sharding_constraint(x, population_spec(x.ndim, x.shape[0], mesh,
-                                                                    pop_axis=pop_axis)), tree)
 
 
 def auto_sharded(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -245,7 +245,7 @@ class Transformer(nn.Module):
   queries attend to every slot ``<= their own`` whose ``kv_mask_bs`` is set.
   Returns ``(logits_btv float32, cache)``; ``last_only`` keeps only the last
   position's logits (prefill). Most users want :func:`logits_fn` or
-  :mod:`es_jax.models.generate` instead.
+  :mod:`es_jax.models.decoding` / :mod:`es_jax.models.generate` instead.
 
   Example:
     >>> import jax, jax.numpy as jnp
