@@ -58,8 +58,9 @@ def completion_kl(c: Components, params, indices, tokens: np.ndarray, lengths: n
 
 
 def prior_accuracy(c: Components, config: ExperimentConfig, params, *,
-                   progress: bool = False) -> float | None:
-  """HellaSwag accuracy (``acc_norm`` under ``loglik``) of the current weights."""
+                   progress: bool = False) -> tuple[float, list[int]] | None:
+  """HellaSwag accuracy (``acc_norm`` under ``loglik``) of the current weights, and each
+  item's 0/1 correctness (what a paired comparison of two records needs)."""
   if c.prior_task is None:
     return None
   if config.task.prior_protocol == "loglik":
@@ -73,7 +74,8 @@ def prior_accuracy(c: Components, config: ExperimentConfig, params, *,
     result = evaluate_generation(c.prior_task, c.prior_examples, generate,
                                  tokenizer=c.tokenizer if config.model.chat_template else None,
                                  batch_size=config.prompt_batch, progress=progress)
-  return float(result.summary.metrics["accuracy"])
+  return (float(result.summary.metrics["accuracy"]),
+          [int(r.metrics["accuracy"]) for r in result.records])
 
 
 _token_logprobs = jax.jit(token_logprobs, static_argnums=0)
@@ -101,8 +103,8 @@ def snapshot(c: Components, config: ExperimentConfig, params, iteration: int, *,
       "iteration": iteration,
       "target_accuracy": float(np.mean([m["accuracy"] for m in scored])),
       "target_reward": float(np.mean([m["reward"] for m in scored])),
-      "prior_accuracy": prior,
-      "prior_examples": len(c.prior_examples),
+      "prior_accuracy": None if prior is None else prior[0],
+      "prior_correct": None if prior is None else prior[1],
       "kl_to_base": completion_kl(c, params, kl_rows, tokens[:len(kl_rows)],
                                   lengths[:len(kl_rows)], batch_size=config.prompt_batch),
       "update_norm": drift.global_norm,

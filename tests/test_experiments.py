@@ -254,7 +254,7 @@ def test_main_job_sweep_shares_theta0_noise_and_baseline(assets, tmp_path, monke
                               sweep="smollm2_forgetting", overrides=overrides)
   assert calls == [("smollm2_es", 0), ("smollm2_es", 2), ("smollm2_es_awd", 2)]
   first = [records[0] for records in results.values()]
-  assert first[0] == first[1] and first[0]["prior_examples"] == 2  # the shipped subset
+  assert first[0] == first[1] and len(first[0]["prior_correct"]) == 2  # the shipped subset
   np.testing.assert_array_equal(fitness[0], fitness[2])  # iteration 1 of each run: same noise
   table = (tmp_path / "sweep" / "summary.md").read_text().splitlines()
   assert [line.split("|")[1].strip() for line in table[2:]] == ["smollm2_es", "smollm2_es_awd"]
