@@ -37,9 +37,18 @@ class PromptSet:
     return len(self.examples)
 
   def batches(self, indices: Sequence[int], batch_size: int):
-    """``(indices, ids, mask)`` batches of exactly ``batch_size`` rows (the last one
-    filled by repeating its first row, so a jitted decode never sees a new shape)."""
+    """``(indices, ids, mask)`` batches of one size (the last one filled by repeating its
+    first row, so a jitted decode never sees a new shape).
+
+    The size is the smallest that needs as many batches as ``batch_size`` does: 16
+    prompts with ``batch_size=64`` are one batch of 16, not 64 rows of which 48 are
+    filler, and 100 prompts are two batches of 50.
+    """
     indices = np.asarray(indices)
+    if not len(indices):
+      return
+    num_batches = -(-len(indices) // batch_size)
+    batch_size = -(-len(indices) // max(num_batches, 1))
     for start in range(0, len(indices), batch_size):
       chunk = indices[start:start + batch_size]
       filled = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - len(chunk))])

@@ -82,8 +82,8 @@ _token_logprobs = jax.jit(token_logprobs, static_argnums=0)
 
 
 def snapshot(c: Components, config: ExperimentConfig, params, iteration: int, *,
-             progress: bool = False) -> Record:
-  """The metrics record of ``params`` at ``iteration``.
+             progress: bool = False, with_prior: bool = True) -> Record:
+  """The metrics record of ``params`` at ``iteration`` (the prior task only ``with_prior``).
 
   ``seconds`` holds what the record cost (``prior``: the HellaSwag evaluation,
   ``total``: all of it), so a user can plan a run's evaluations.
@@ -97,7 +97,7 @@ def snapshot(c: Components, config: ExperimentConfig, params, iteration: int, *,
   kl_rows = eval_indices[:config.task.kl_prompts]
   drift = drift_report(params, c.params0, tau=TAU)
   prior_start = time.perf_counter()
-  prior = prior_accuracy(c, config, params, progress=progress)
+  prior = prior_accuracy(c, config, params, progress=progress) if with_prior else None
   prior_seconds = time.perf_counter() - prior_start
   record = {
       "iteration": iteration,

@@ -210,8 +210,9 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool,
       bar.set_postfix(reward=f"{info['train_reward']:.3f}", refresh=False)
       last = iteration == config.iterations
       if iteration % config.eval_every == 0 or last:
+        with_prior = last or (iteration // config.eval_every) % config.task.prior_every == 0
         records.append({**evaluate.snapshot(c, config, state["params"], iteration,
-                                            progress=progress),
+                                            progress=progress, with_prior=with_prior),
                         "train_reward": info["train_reward"], "wall_time_s": wall})
         _write_metrics(out / "metrics.jsonl", records)
         plots.write_plots({config.name: records}, out)

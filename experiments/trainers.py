@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 import es_jax
-from experiments import components, grpo, rollouts
+from experiments import components, grpo, likelihood, rollouts
 from experiments.components import Components
 from experiments.config import ExperimentConfig
 
@@ -53,6 +53,10 @@ class EsTrainer:
     self.c, self.config = c, config
     self.recipe = es_recipe(config)
     self.tx = self.recipe.build()
+    self.answers = None
+    if config.es.fitness == "answer_logprob":
+      self.answers = likelihood.encode_answers(c.target_task, c.train.examples, c.tokenizer,
+                                               chat_template=config.model.chat_template)
 
     @jax.jit
     def apply(params, opt_state, fitness):
@@ -69,10 +73,15 @@ class EsTrainer:
     config = self.config
     indices, position = components.prompt_indices(config, iteration)
     es_state = state["opt_state"][0]
-    fitness = rollouts.population_fitness(
-        self.c, es_state, state["params"], indices, population=config.es.population,
-        member_chunk=config.es.members_per_decode, prompt_batch=config.prompt_batch,
-        max_new_tokens=config.task.max_new_tokens)
+    if self.answers is not None:
+      fitness = likelihood.population_answer_logprob(
+          self.c.model, es_state, state["params"], self.answers, indices,
+          population=config.es.population, member_chunk=config.es.members_per_decode)
+    else:
+      fitness = rollouts.population_fitness(
+          self.c, es_state, state["params"], indices, population=config.es.population,
+          member_chunk=config.es.members_per_decode, prompt_batch=config.prompt_batch,
+          max_new_tokens=config.task.max_new_tokens)
     fitness = np.asarray(fitness, np.float32)  # what the update sees, and the patch stores
     params, opt_state, finite = self._apply(state["params"], state["opt_state"], fitness)
     info = {"fitness": fitness, "train_reward": float(np.nanmean(fitness)), "train_reward_max": float(np.nanmax(fitness)),

@@ -258,3 +258,35 @@ def test_main_job_sweep_shares_theta0_noise_and_baseline(assets, tmp_path, monke
   np.testing.assert_array_equal(fitness[0], fitness[2])  # iteration 1 of each run: same noise
   table = (tmp_path / "sweep" / "summary.md").read_text().splitlines()
   assert [line.split("|")[1].strip() for line in table[2:]] == ["smollm2_es", "smollm2_es_awd"]
+
+
+def test_answer_logprob_fitness_is_each_members_gold_answer_likelihood(assets):
+  """es.fitness=answer_logprob against lm-eval-style scoring of each member's materialised
+  weights (another code path: full weights instead of the low-rank noise, logits on the host)."""
+  import functools
+  from es_jax.evaluation import score_continuations
+  from es_jax.models import logits_fn
+  from experiments import likelihood
+  config = apply_overrides(preset("smollm2_es"), [
+      f"model.checkpoint={assets.checkpoint}", "task.num_train=5", "task.prompts_per_iteration=3", "task.num_eval=1",
+      "task.prior=none", "es.population=4", "es.sigma=0.3", "es.fitness=answer_logprob"])
+  c = components.build(config)
+  trainer = make_trainer(c, config)
+  state = trainer.init(c.params0)
+  indices = np.array([4, 0, 2])
+  fitness = likelihood.population_answer_logprob(
+      c.model, state["opt_state"][0], c.params0, trainer.answers, indices, population=4,
+      member_chunk=3)
+  requests = [(c.target_task.build_prompt(c.train.examples[i]),
+               c.target_task.reference_completion(c.train.examples[i])) for i in indices]
+  assert requests[0][1] == f" {c.train.examples[4].answer}"
+  for m in range(4):
+    member = es_jax.member_params(state["opt_state"][0], c.params0, m)
+    scores = score_continuations(functools.partial(logits_fn, c.model, member), c.tokenizer,
+                                 requests)
+    expected = np.mean([s.sum_logprob for s in scores])
+    np.testing.assert_allclose(fitness[m], expected, rtol=1e-4, err_msg=f"member {m}")
+  assert len(set(np.round(fitness, 6))) == 4  # the members differ: a dense signal
+  with pytest.raises(ValueError, match="gold completion"):
+    likelihood.encode_answers(types.SimpleNamespace(name="countdown"), [], c.tokenizer,
+                              chat_template=False)

@@ -233,6 +233,11 @@ class ArithmeticTask:
     return chat_prompt(CHAT_INSTRUCTION.format(question=example.question), tokenizer,
                        system=self.system)
 
+  def reference_completion(self, example: ArithmeticExample) -> str:
+    """The gold completion of :meth:`build_prompt`'s prompt (``" 85"`` plain, ``"85"`` chat),
+    for likelihood scoring."""
+    return f" {example.answer}" if self.shots else f"{example.answer}"
+
   def score(self, completion: str, example: ArithmeticExample) -> Scored:
     """Exact-answer reward and accuracy, and the first-number diagnostic."""
     if self.shots and isinstance(completion, str):
