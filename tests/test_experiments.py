@@ -21,7 +21,7 @@ from experiment_fixtures import (digit_share_reward, make_tiny_checkpoint, short
                                  write_short_gsm8k, write_short_hellaswag)
 from experiments import components, rollouts
 from experiments import config as config_lib
-from experiments.checkpointing import CheckpointError, RunCheckpointer
+from experiments.checkpointing import RunCheckpointError, RunCheckpointer
 from experiments.config import ExperimentConfig, apply_overrides, preset
 from experiments.run import RunError, fingerprint, main, run
 from experiments.trainers import make_trainer
@@ -55,8 +55,8 @@ def without_time(records):
 
 
 def final_state(config: ExperimentConfig, run_dir: pathlib.Path):
-  c = components.build(config)
-  like = make_trainer(c, config).init(c.params0)
+  parts = components.build(config)
+  like = make_trainer(parts, config).init(parts.params0)
   with RunCheckpointer(run_dir / "checkpoints", fingerprint=fingerprint(config)) as checkpointer:
     state, _ = checkpointer.restore(like)
   return state
@@ -102,10 +102,19 @@ def test_overrides_parse_by_field_type_and_round_trip_through_json():
     ("es.population=1", "es.population=1 must be >= 2"),
     ("awd.kind=l3", "awd.kind='l3'"),
     ("es", "expected section.field=value"),
+    ("es.member_chunk=4", "member_chunk was renamed chunk_size"),
 ])
 def test_bad_overrides_say_what_is_wrong(override, message):
   with pytest.raises(ValueError, match=message):
     apply_overrides(preset("countdown_es"), [override])
+
+
+def test_fields_added_later_stay_out_of_the_fingerprint_at_their_default():
+  # A run checkpointed before grpo.adv_eps was a config field still resumes; a changed one counts.
+  default = fingerprint(preset("countdown_es"))
+  assert "adv_eps" not in default["grpo"] and "chunk_size" not in default["es"]
+  changed = fingerprint(apply_overrides(preset("countdown_es"), ["grpo.adv_eps=1e-3"]))
+  assert changed["grpo"]["adv_eps"] == 1e-3
 
 
 def test_l2_awd_needs_alpha_lambda_below_one():
@@ -206,7 +215,7 @@ def test_a_run_directory_is_never_overwritten(assets, tmp_path, monkeypatch):
   files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
   with pytest.raises(RunError, match="--resume"):
     run(config, out, progress=False)
-  with pytest.raises(CheckpointError, match="sigma"):
+  with pytest.raises(RunCheckpointError, match="sigma"):
     run(apply_overrides(config, ["es.sigma=0.1"]), out, resume=True, progress=False)
   assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
   # Extending a finished run is a resume with more iterations.
