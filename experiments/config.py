@@ -127,6 +127,11 @@ class EsSpec:
     freeze: regexes of param paths that are not perturbed; None = the
       embedding table with low-rank noise (EGGROLL's reference excludes it,
       and a table lookup cannot take a low-rank factor), nothing with full rank.
+    kl_beta: weight of a KL-to-base penalty in the fitness:
+      ``fitness = reward - kl_beta * KL(member || base)``, the member's mean
+      per-token KL to theta_0 on its own greedy completions of the
+      iteration's prompts (the forgetting paper's open question). 0 = off,
+      at no extra cost; > 0 adds two forwards per member and iteration.
     chunk_size: members evaluated together (``es_jax.es_step``'s name; here
       it need not divide the population: the last chunk is smaller). It
       bounds memory: with full-rank noise each member holds a copy of the
@@ -139,6 +144,7 @@ class EsSpec:
   antithetic: bool = False
   shaping: str = "z_score"
   freeze: tuple[str, ...] | None = None
+  kl_beta: float = 0.0
   chunk_size: int | None = None
 
   def __post_init__(self):
@@ -148,6 +154,7 @@ class EsSpec:
            f"es.sigma={self.sigma} and es.learning_rate={self.learning_rate} must be > 0")
     _check(self.rank is None or self.rank >= 1, f"es.rank={self.rank}: None (full) or >= 1")
     _check(self.shaping in SHAPINGS, f"es.shaping={self.shaping!r}: use one of {SHAPINGS}")
+    _check(self.kl_beta >= 0, f"es.kl_beta={self.kl_beta} must be >= 0 (0 = no KL penalty)")
     _check(self.chunk_size is None or self.chunk_size >= 1,
            f"es.chunk_size={self.chunk_size} must be >= 1 or None")
 

@@ -1,5 +1,5 @@
 """Decoding for training and evaluation: greedy completions of one model, and the
-population's completions scored into per-member fitness.
+population's completions scored per member (reward, and KL to the base model).
 
 Members are decoded ``chunk_size`` at a time and prompts ``prompt_batch`` at
 a time, which bounds memory: with full-rank noise each member holds a copy of
@@ -15,7 +15,7 @@ call anew.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +23,7 @@ import numpy as np
 
 import es_jax
 from es_jax.models import completion_texts, decode, decode_population
+from experiments import policy_kl
 from experiments.components import Components, PromptSet
 
 PyTree = Any
@@ -54,27 +55,55 @@ def score(task: Any, examples, texts) -> np.ndarray:
                   np.float64)
 
 
-def population_fitness(parts: Components, opt_state, params: PyTree, indices, *, population: int,
-                       chunk_size: int, prompt_batch: int,
-                       max_new_tokens: int) -> np.ndarray:
-  """Each member's mean reward over ``train[indices]`` (greedy decoding), shape ``(N,)``.
+class PopulationScores(NamedTuple):
+  """What :func:`score_population` measured of each member.
 
-  ``opt_state`` is the ES optimizer's state (a chain holding the ES step's state).
+  Attributes:
+    rewards: ``(N,)`` each member's mean reward over the iteration's prompts.
+    kl: ``(N,)`` each member's mean per-token ``KL(member || base)`` over its
+      own completion tokens of those prompts (nats), or None when not measured.
+  """
+  rewards: np.ndarray
+  kl: np.ndarray | None
+
+
+def score_population(parts: Components, opt_state, params: PyTree, indices, *, population: int,
+                     chunk_size: int, prompt_batch: int, max_new_tokens: int,
+                     kl_to_base: bool = False) -> PopulationScores:
+  """Each member's mean reward over ``train[indices]`` (greedy decoding), and with
+  ``kl_to_base`` its KL to the base model ``parts.params0`` on those completions.
+
+  ``opt_state`` is the ES optimizer's state (a chain holding the ES step's
+  state). The KL is :mod:`experiments.policy_kl`'s: the full-distribution KL
+  at each completion position, summed over the member's completion tokens of
+  every batch and divided by their number (batch filler rows are not counted).
+  It costs two forwards per member over ``[prompt; completion]`` (the member's
+  and the base model's) after the decode; without ``kl_to_base`` nothing extra runs.
   """
   examples = [parts.train.examples[i] for i in indices]
-  fitness = np.empty(population)
+  rewards = np.empty(population)
+  kl = np.empty(population) if kl_to_base else None
   for first in range(0, population, chunk_size):
     n = min(chunk_size, population - first)
     noise = _chunk_noise(n, opt_state, params, first)
     texts = [[] for _ in range(n)]
+    kl_sums, kl_counts = np.zeros(n), np.zeros(n, np.int64)
     for chunk, ids, mask in parts.train.batches(indices, prompt_batch):
-      out = decode_population(parts.model, params, noise, ids, mask, max_new_tokens=max_new_tokens,
-                              eos_ids=parts.eos_ids)
+      out = decode_population(parts.model, params, noise, ids, mask,
+                              max_new_tokens=max_new_tokens, eos_ids=parts.eos_ids)
       tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
       for m in range(n):
         texts[m] += completion_texts(parts.tokenizer, tokens[m, :len(chunk)],
-                                     lengths[m, :len(chunk)],
-                                     parts.eos_ids)
+                                     lengths[m, :len(chunk)], parts.eos_ids)
+      if kl_to_base:
+        rows, rows_mask, counted = policy_kl.completion_rows(ids, mask, tokens, lengths)
+        counted[:, len(chunk):] = False  # filler rows repeat the batch's first prompt
+        sums, counts = policy_kl.members_kl_sums(parts.model, params, noise, parts.params0,
+                                                 rows, rows_mask, counted)
+        kl_sums += np.asarray(sums, np.float64)
+        kl_counts += np.asarray(counts)
     for m in range(n):
-      fitness[first + m] = score(parts.target_task, examples, texts[m]).mean()
-  return fitness
+      rewards[first + m] = score(parts.target_task, examples, texts[m]).mean()
+    if kl_to_base:
+      kl[first:first + n] = kl_sums / np.maximum(kl_counts, 1)
+  return PopulationScores(rewards, kl)

@@ -72,7 +72,7 @@ SCHEDULE_FIELDS = ("name", "iterations", "eval_every", "checkpoint_every", "keep
 
 # Fields added after runs were checkpointed, as (section, field): left out of the fingerprint
 # while at their default, so those runs still resume (their trajectory had the default).
-LATER_FIELDS = (("grpo", "adv_eps"),)
+LATER_FIELDS = (("grpo", "adv_eps"), ("es", "kl_beta"))
 
 
 def fingerprint(config: ExperimentConfig) -> dict[str, Any]:
@@ -223,7 +223,8 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool,
       if iteration % config.eval_every == 0 or last:
         records.append({**evaluate.snapshot(parts, config, state["params"], iteration,
                                             progress=progress),
-                        "train_reward": info["train_reward"], "wall_time_s": wall})
+                        "train_reward": info["train_reward"], "wall_time_s": wall,
+                        **({"train_kl": info["train_kl"]} if "train_kl" in info else {})})
         _write_metrics(out / "metrics.jsonl", records)
         plots.write_plots({config.name: records}, out)
         bar.write(_summary_line(records[-1]))

@@ -1,8 +1,9 @@
 """One training iteration of each algorithm, over a state ``{"params", "opt_state"}``.
 
 ``EsTrainer``: the papers' ES as ``optax.chain(es_step, sgd(alpha)[, anchored_weight_decay])``
-with the population's rewards computed by decoding (Python scoring) and passed
-as ``fitness=``. ``GrpoTrainer``: the GRPO baseline of :mod:`experiments.grpo`
+with the population's rewards computed by decoding (Python scoring), minus
+``es.kl_beta`` times each member's KL to the base model when that is on, and
+passed as ``fitness=``. ``GrpoTrainer``: the GRPO baseline of :mod:`experiments.grpo`
 on the same model and task. Everything random is a function of the config's
 seed and the iteration, so a state restored from a checkpoint continues
 exactly as the uninterrupted run would. Each step reports ``params_finite``:
@@ -68,15 +69,22 @@ class EsTrainer:
   def step(self, state: State, iteration: int) -> tuple[State, dict[str, Any]]:
     config = self.config
     indices, position = components.prompt_indices(config, iteration)
-    fitness = rollouts.population_fitness(
+    scores = rollouts.score_population(
         self.parts, state["opt_state"], state["params"], indices, population=config.es.population,
         chunk_size=config.es.effective_chunk_size, prompt_batch=config.prompt_batch,
-        max_new_tokens=config.task.max_new_tokens)
-    fitness = np.asarray(fitness, np.float32)  # what the update sees, and the patch stores
+        max_new_tokens=config.task.max_new_tokens, kl_to_base=config.es.kl_beta > 0)
+    rewards = np.asarray(scores.rewards, np.float32)
+    fitness = rewards
+    if scores.kl is not None:
+      fitness = np.asarray(scores.rewards - config.es.kl_beta * scores.kl, np.float32)
+    # ``fitness`` is what the update sees, and the patch stores.
     params, opt_state, finite = self._apply(state["params"], state["opt_state"], fitness)
-    info = {"fitness": fitness, "train_reward": float(np.nanmean(fitness)), "train_reward_max": float(np.nanmax(fitness)),
+    info = {"fitness": fitness, "train_reward": float(np.nanmean(rewards)),
+            "train_reward_max": float(np.nanmax(rewards)),
             "failed_members": int(np.sum(~np.isfinite(fitness))), "data_position": position,
             "params_finite": bool(finite)}
+    if scores.kl is not None:
+      info["train_kl"] = float(np.nanmean(scores.kl))  # mean over members; penalty = beta * it
     return {"params": params, "opt_state": opt_state}, info
 
 

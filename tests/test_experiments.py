@@ -103,6 +103,7 @@ def test_overrides_parse_by_field_type_and_round_trip_through_json():
     ("awd.kind=l3", "awd.kind='l3'"),
     ("es", "expected section.field=value"),
     ("es.member_chunk=4", "member_chunk was renamed chunk_size"),
+    ("es.kl_beta=-0.1", r"es.kl_beta=-0.1 must be >= 0"),
 ])
 def test_bad_overrides_say_what_is_wrong(override, message):
   with pytest.raises(ValueError, match=message):
@@ -110,9 +111,11 @@ def test_bad_overrides_say_what_is_wrong(override, message):
 
 
 def test_fields_added_later_stay_out_of_the_fingerprint_at_their_default():
-  # A run checkpointed before grpo.adv_eps was a config field still resumes; a changed one counts.
+  # A run checkpointed before grpo.adv_eps and es.kl_beta were config fields still resumes;
+  # a changed one counts.
   default = fingerprint(preset("countdown_es"))
-  assert "adv_eps" not in default["grpo"] and "chunk_size" not in default["es"]
+  assert "adv_eps" not in default["grpo"] and "kl_beta" not in default["es"]
+  assert "chunk_size" not in default["es"]
   changed = fingerprint(apply_overrides(preset("countdown_es"), ["grpo.adv_eps=1e-3"]))
   assert changed["grpo"]["adv_eps"] == 1e-3
 
@@ -242,17 +245,17 @@ def test_main_job_sweep_shares_theta0_noise_and_baseline(assets, tmp_path, monke
   calls = []
   snapshot = evaluate.snapshot
   monkeypatch.setattr(evaluate, "snapshot",
-                      lambda c, config, params, it, **kw: calls.append((config.name, it))
-                      or snapshot(c, config, params, it, **kw))
+                      lambda parts, config, params, it, **kw: calls.append((config.name, it))
+                      or snapshot(parts, config, params, it, **kw))
   fitness = {}
-  population_fitness = rollouts.population_fitness
+  score_population = rollouts.score_population
 
-  def recording(c, es_state, params, indices, **kw):
-    f = population_fitness(c, es_state, params, indices, **kw)
-    fitness.setdefault(len(fitness), f)
-    return f
+  def recording(parts, opt_state, params, indices, **kw):
+    scores = score_population(parts, opt_state, params, indices, **kw)
+    fitness.setdefault(len(fitness), scores.rewards)
+    return scores
 
-  monkeypatch.setattr(rollouts, "population_fitness", recording)
+  monkeypatch.setattr(rollouts, "score_population", recording)
   overrides = [f"model.checkpoint={assets.checkpoint}", "task.num_train=4",
                "task.prompts_per_iteration=2", "task.num_eval=2", "task.num_prior=2",
                "task.kl_prompts=1", "es.population=4", "es.sigma=0.2", "iterations=2",
@@ -267,3 +270,71 @@ def test_main_job_sweep_shares_theta0_noise_and_baseline(assets, tmp_path, monke
   np.testing.assert_array_equal(fitness[0], fitness[2])  # iteration 1 of each run: same noise
   table = (tmp_path / "sweep" / "summary.md").read_text().splitlines()
   assert [line.split("|")[1].strip() for line in table[2:]] == ["smollm2_es", "smollm2_es_awd"]
+
+
+# ----------------------------------------------------------------------------- KL penalty
+
+
+def _reference_member_kl(parts, config, state, member, indices):
+  """float64 NumPy: member ``member``'s mean per-token KL(member || base) on its own greedy
+  completions, from its materialised weights (es_jax.member_params) and the base logits."""
+  from es_jax.models import decode, logits_fn
+  weights = es_jax.member_params(state["opt_state"], state["params"], member)
+  total, count = 0.0, 0
+  for i in indices:
+    ids, mask = parts.train.input_ids[i:i + 1], parts.train.attention_mask[i:i + 1]
+    out = decode(parts.model, weights, ids, mask, max_new_tokens=config.task.max_new_tokens,
+                 eos_ids=parts.eos_ids)
+    n = int(out.lengths[0])
+    full = np.concatenate([ids, np.asarray(out.tokens)[:, :n]], axis=1)
+    full_mask = np.ones_like(full)
+    full_mask[:, :ids.shape[1]] = mask
+    t = ids.shape[1]
+    member_logits = np.asarray(logits_fn(parts.model, weights, full, full_mask), np.float64)
+    base_logits = np.asarray(logits_fn(parts.model, parts.params0, full, full_mask), np.float64)
+    for logits, base in zip(member_logits[0, t - 1:t - 1 + n], base_logits[0, t - 1:t - 1 + n]):
+      logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+      logq = base - base.max() - np.log(np.exp(base - base.max()).sum())
+      total += float(np.sum(np.exp(logp) * (logp - logq)))
+      count += 1
+  return total / count
+
+
+def test_kl_penalty_is_each_members_kl_to_the_base_on_its_own_completions(assets, monkeypatch):
+  """es.kl_beta: a member's KL matches float64 NumPy on its materialised weights, and the
+  update sees reward - beta * KL; the main job's noise (rank 1, antithetic); prompt_batch=3
+  over 4 prompts, so a filled batch's repeated rows must not count."""
+  monkeypatch.setattr(rollouts, "score", digit_share_reward)
+  config = short_config(assets, "es.kl_beta=0.5", "es.rank=1", "es.antithetic=true",
+                        "es.population=4", "es.chunk_size=4", "prompt_batch=3", "es.sigma=0.3")
+  parts = components.build(config)
+  trainer = make_trainer(parts, config)
+  state = trainer.init(parts.params0)
+  # One step first, so the members perturb theta_1 != theta_0 (the KL is to theta_0).
+  state, _ = trainer.step(state, 1)
+  seen = []
+  score_population = rollouts.score_population
+  monkeypatch.setattr(rollouts, "score_population",
+                      lambda *a, **kw: seen.append(score_population(*a, **kw)) or seen[-1])
+  indices, _ = components.prompt_indices(config, 2)
+  _, info = trainer.step(state, 2)
+  scores = seen[0]
+  for member in (0, 3):
+    expected = _reference_member_kl(parts, config, state, member, indices)
+    assert expected > 1e-4  # a real divergence, not a vacuous zero
+    np.testing.assert_allclose(scores.kl[member], expected, rtol=1e-5)  # measured: 3e-7
+  np.testing.assert_array_equal(
+      info["fitness"], np.asarray(scores.rewards - 0.5 * scores.kl, np.float32))
+  assert info["train_kl"] == pytest.approx(float(np.mean(scores.kl)))
+
+
+def test_kl_penalty_off_measures_nothing(assets, monkeypatch):
+  monkeypatch.setattr(rollouts, "score", digit_share_reward)
+  config = short_config(assets)
+  assert config.es.kl_beta == 0.0
+  called = []
+  monkeypatch.setattr(rollouts.policy_kl, "members_kl_sums", lambda *a: called.append(1))
+  parts = components.build(config)
+  trainer = make_trainer(parts, config)
+  _, info = trainer.step(trainer.init(parts.params0), 1)
+  assert not called and "train_kl" not in info
