@@ -12,8 +12,9 @@ Usage::
 A run directory holds ``config.json``, ``metrics.jsonl`` (one record per
 ``eval_every`` iterations: target-task accuracy and reward, prior-task
 accuracy, KL to the base model, update norm and sparsity, per group too,
-training reward, and ``wall_time_s``: seconds spent training so far, evaluation
-excluded, summed over resumptions), the plots ``forgetting.png``,
+training reward (with ``es.kl_beta`` > 0 also ``train_kl``: the members' mean KL
+to the base model, the fitness penalty divided by beta), and ``wall_time_s``:
+seconds spent training so far, evaluation excluded, summed over resumptions), the plots ``forgetting.png``,
 ``update_norm.png`` and ``sparsity.png``, ``checkpoints/`` (orbax; params,
 optimizer and ES state with its keys and counts, the AWD anchor, the data
 position, the metrics and the ES fitness vectors so far), and for ES
