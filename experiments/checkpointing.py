@@ -20,8 +20,8 @@ silently, skipping iterations or carrying a false record.
 
 Decisions:
   * Saving a step that is not after the latest one (an existing step included)
-    raises :class:`CheckpointError`; nothing is overwritten or skipped silently.
-  * A corrupt or incompatible checkpoint raises :class:`CheckpointError` and
+    raises :class:`RunCheckpointError`; nothing is overwritten or skipped silently.
+  * A corrupt or incompatible checkpoint raises :class:`RunCheckpointError` and
     nothing on disk is touched. Corruption is only detected on restore: a save
     after a corrupt latest step still works, the corrupt step counts toward
     ``keep_last_n`` like any other and only the oldest steps are pruned.
@@ -57,8 +57,10 @@ _INCOMPATIBLE_HINT = ("Resume with the configuration that wrote it, or start a f
                       "new --out.")
 
 
-class CheckpointError(ValueError):
-  """A checkpoint is corrupt, incompatible with this run, or would be overwritten."""
+class RunCheckpointError(ValueError):
+  """A run checkpoint (this module's orbax state of a run) is corrupt, incompatible with the
+  run, or would be overwritten. A model's weights that cannot be read raise
+  :class:`es_jax.models.checkpoint.CheckpointError` instead."""
 
 
 class RunCheckpointer:
@@ -108,21 +110,21 @@ class RunCheckpointer:
     """Writes ``state`` and ``meta`` as ``step``; returns once it is committed on disk.
 
     Raises:
-      CheckpointError: ``step`` is not after the latest step, or the directory
+      RunCheckpointError: ``step`` is not after the latest step, or the directory
         holds a run with a different fingerprint.
       TypeError: ``meta`` is not JSON-able.
     """
     step = operator.index(step)
     latest = self.latest_step()
     if latest is not None and step <= latest:
-      raise CheckpointError(
+      raise RunCheckpointError(
           f"Not saving step {step} into {self.directory}: step {latest} exists and checkpoints "
           "are never overwritten, so steps must increase. To redo later steps, delete their "
           "directories first, or start a fresh run with a new --out.")
     if latest is not None and latest != self._known_fingerprint_step:
       try:  # refuse to mix two runs' steps in one directory
         stored = self._read_json(latest)[0]["fingerprint"]
-      except (CheckpointError, KeyError, TypeError):
+      except (RunCheckpointError, KeyError, TypeError):
         stored = None  # a corrupt latest step is restore's to report; it must not block saving
       if stored is not None:
         self._check_fingerprint(latest, stored)
@@ -154,7 +156,7 @@ class RunCheckpointer:
     loading a model. :meth:`restore` verifies the same and the arrays.
 
     Raises:
-      CheckpointError: no such step, the step is corrupt (its manifest or meta
+      RunCheckpointError: no such step, the step is corrupt (its manifest or meta
         unreadable, the meta not the one saved), or written by a run with
         another fingerprint.
     """
@@ -168,7 +170,7 @@ class RunCheckpointer:
     (NamedTuples, static nodes), dtypes, PRNG impls and shardings.
 
     Raises:
-      CheckpointError: no such step; the step is corrupt (unreadable files,
+      RunCheckpointError: no such step; the step is corrupt (unreadable files,
         checksum mismatch); or it is incompatible (fingerprint, tree structure,
         leaf shape or dtype differ from ``like``).
     """
@@ -204,17 +206,17 @@ class RunCheckpointer:
   def _step_to_restore(self, step: int | None) -> int:
     steps = self.all_steps()
     if step is None and not steps:
-      raise CheckpointError(f"No checkpoint in {self.directory}.")
+      raise RunCheckpointError(f"No checkpoint in {self.directory}.")
     step = steps[-1] if step is None else operator.index(step)
     if step not in steps:
-      raise CheckpointError(f"No step {step} in {self.directory}; the steps there are {steps}.")
+      raise RunCheckpointError(f"No step {step} in {self.directory}; the steps there are {steps}.")
     return step
 
   def _verified_json(self, step: int) -> tuple[dict, dict]:
     """The manifest and meta of ``step``, checked for format, fingerprint and meta checksum."""
     manifest, meta = self._read_json(step)
     if isinstance(manifest, dict) and manifest.get("format") not in (_FORMAT, None):
-      raise CheckpointError(
+      raise RunCheckpointError(
           f"Checkpoint {self.directory / str(step)} has manifest format "
           f"{manifest.get('format')!r}; this version reads format {_FORMAT}. Resume it with the "
           "version of es_jax that wrote it, or start a fresh run with a new --out.")
@@ -259,9 +261,9 @@ class RunCheckpointer:
                  for key in sorted(set(stored) | set(self.fingerprint))
                  if stored.get(key, KeyError) != self.fingerprint.get(key, KeyError)]
     if differing:
-      raise CheckpointError(f"Checkpoint {self.directory / str(step)} was written by a run with a "
-                            f"different configuration ({'; '.join(differing)}). "
-                            f"{_INCOMPATIBLE_HINT}")
+      raise RunCheckpointError(f"Checkpoint {self.directory / str(step)} was written by a run "
+                               f"with a different configuration ({'; '.join(differing)}). "
+                               f"{_INCOMPATIBLE_HINT}")
 
   def _check_leaves(self, step: int, entries: list, paths: list[str], like_leaves: list) -> None:
     stored = {entry["path"]: entry for entry in entries}
@@ -277,16 +279,16 @@ class RunCheckpointer:
         problems.append(f"leaf {path}: checkpoint {entry['dtype']}{entry['shape']}, "
                         f"`like` {expected[1]}{expected[0]}")
     if problems:
-      raise CheckpointError(f"Checkpoint {self.directory / str(step)} does not fit this run's "
-                            f"state: {'; '.join(problems[:6])}. {_INCOMPATIBLE_HINT}")
+      raise RunCheckpointError(f"Checkpoint {self.directory / str(step)} does not fit this run's "
+                               f"state: {'; '.join(problems[:6])}. {_INCOMPATIBLE_HINT}")
 
-  def _corrupt(self, step: int, problem: str) -> CheckpointError:
+  def _corrupt(self, step: int, problem: str) -> RunCheckpointError:
     earlier = [s for s in self._manager.all_steps() if s < step]
     fallback = (f"delete it to fall back to step {max(earlier)}, the previous checkpoint,"
                 if earlier else "delete it to start over from scratch,")
-    return CheckpointError(f"Checkpoint {self.directory / str(step)} is corrupt: {problem}. "
-                           f"Nothing on disk was changed; {fallback} or start a fresh run with a "
-                           "new --out.")
+    return RunCheckpointError(f"Checkpoint {self.directory / str(step)} is corrupt: {problem}. "
+                              f"Nothing on disk was changed; {fallback} or start a fresh run with a "
+                              "new --out.")
 
 
 def _meta_digest(meta: dict) -> str:

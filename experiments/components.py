@@ -63,7 +63,7 @@ class Components:
   tokenizer: Any
   target_task: Any
   train: PromptSet
-  eval: PromptSet
+  held_out: PromptSet
   prior_task: Any | None
   prior_examples: tuple[Any, ...]
 

@@ -16,30 +16,19 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from experiments.grpo_config import GrpoConfig
+from experiments.validation import check as _check
+from experiments.validation import check_finite as _check_finite
 
 ALGORITHMS = ("es", "grpo")
 TARGETS = ("countdown", "gsm8k", "arithmetic")
 AWD_KINDS = ("none", "l2", "l1")
 SHAPINGS = ("z_score", "centered_rank", "identity")
 FITNESSES = ("reward", "answer_logprob")
-
-
-def _check(ok: bool, message: str) -> None:
-  if not ok:
-    raise ValueError(message)
-
-
-def _check_finite(spec: Any, section: str) -> None:
-  """Every float field of ``spec`` finite: ``inf``/``nan`` parse as floats and would pass the
-  range checks (``inf > 0``), then train NaN weights to the end without an error."""
-  for field in dataclasses.fields(spec):
-    value = getattr(spec, field.name)
-    _check(not (isinstance(value, float) and not math.isfinite(value)),
-           f"{section}{field.name}={value} must be a finite number")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +120,7 @@ class TaskSpec:
 
 @dataclasses.dataclass(frozen=True)
 class EsSpec:
-  """The ES step (reference section 1 defaults; ``rank`` selects EGGROLL noise).
+  """The ES step (defaults: the papers' ES of Qiu et al.; ``rank`` selects EGGROLL noise).
 
   Attributes:
     population: N members per iteration.
@@ -143,9 +132,15 @@ class EsSpec:
     freeze: regexes of param paths that are not perturbed; None = the
       embedding table with low-rank noise (EGGROLL's reference excludes it,
       and a table lookup cannot take a low-rank factor), nothing with full rank.
-    member_chunk: members decoded together (bounds memory: with full-rank
-      noise each holds a copy of the weights); None = all members with
-      low-rank noise, 4 with full-rank noise.
+    kl_beta: weight of a KL-to-base penalty in the fitness:
+      ``fitness = reward - kl_beta * KL(member || base)``, the member's mean
+      per-token KL to theta_0 on its own greedy completions of the
+      iteration's prompts (the forgetting paper's open question). 0 = off,
+      at no extra cost; > 0 adds two forwards per member and iteration.
+    chunk_size: members evaluated together (``es_jax.es_step``'s name; here
+      it need not divide the population: the last chunk is smaller). It
+      bounds memory: with full-rank noise each member holds a copy of the
+      weights. None = all members with low-rank noise, 4 with full-rank noise.
     fitness: ``reward`` (the papers': decode greedily, score with the task's
       reward) or ``answer_logprob`` (the mean log-probability of the gold
       completion, teacher-forced; tasks with a ``reference_completion`` only,
@@ -158,7 +153,8 @@ class EsSpec:
   antithetic: bool = False
   shaping: str = "z_score"
   freeze: tuple[str, ...] | None = None
-  member_chunk: int | None = None
+  kl_beta: float = 0.0
+  chunk_size: int | None = None
   fitness: str = "reward"
 
   def __post_init__(self):
@@ -169,14 +165,15 @@ class EsSpec:
            f"es.sigma={self.sigma} and es.learning_rate={self.learning_rate} must be > 0")
     _check(self.rank is None or self.rank >= 1, f"es.rank={self.rank}: None (full) or >= 1")
     _check(self.shaping in SHAPINGS, f"es.shaping={self.shaping!r}: use one of {SHAPINGS}")
-    _check(self.member_chunk is None or self.member_chunk >= 1,
-           f"es.member_chunk={self.member_chunk} must be >= 1 or None")
+    _check(self.kl_beta >= 0, f"es.kl_beta={self.kl_beta} must be >= 0 (0 = no KL penalty)")
+    _check(self.chunk_size is None or self.chunk_size >= 1,
+           f"es.chunk_size={self.chunk_size} must be >= 1 or None")
 
   @property
-  def members_per_decode(self) -> int:
-    """``member_chunk`` with its default resolved."""
-    if self.member_chunk is not None:
-      return min(self.member_chunk, self.population)
+  def effective_chunk_size(self) -> int:
+    """``chunk_size`` with its default resolved."""
+    if self.chunk_size is not None:
+      return min(self.chunk_size, self.population)
     return self.population if self.rank is not None else min(4, self.population)
 
   @property
@@ -189,7 +186,7 @@ class EsSpec:
 
 @dataclasses.dataclass(frozen=True)
 class AwdSpec:
-  """Anchored weight decay after the ES step (``none``, ``l2`` or ``l1``, reference section 3)."""
+  """Anchored weight decay after the ES step (``none``, ``l2`` or ``l1``; the AWD paper's rule)."""
   kind: str = "none"
   strength: float = 0.0
 
@@ -198,46 +195,6 @@ class AwdSpec:
     _check(self.kind in AWD_KINDS, f"awd.kind={self.kind!r}: use one of {AWD_KINDS}")
     _check(self.kind == "none" or self.strength > 0,
            f"awd.strength={self.strength} must be > 0 with awd.kind={self.kind!r}")
-
-
-@dataclasses.dataclass(frozen=True)
-class GrpoSpec:
-  """The GRPO baseline (the forgetting paper's: 30 rollouts per prompt, KL beta 1e-3).
-
-  Attributes:
-    group_size: completions sampled per prompt.
-    prompts_per_iteration: prompts per GRPO step.
-    clip_eps: PPO clip range of the importance ratio.
-    kl_beta: weight of the k3 KL to the base (reference) model.
-    learning_rate: Adam learning rate.
-    temperature: sampling temperature of the rollouts.
-    num_inner_steps: optimisation steps per rollout batch (mu).
-    max_grad_norm: global-norm gradient clip (None: off).
-    micro_batches: gradient accumulation: the ``prompts * group_size`` rows are
-      split into this many parts for memory (one Adam step per iteration still).
-  """
-  group_size: int = 30
-  prompts_per_iteration: int = 8
-  clip_eps: float = 0.2
-  kl_beta: float = 1e-3
-  learning_rate: float = 1e-6
-  temperature: float = 1.0
-  num_inner_steps: int = 1
-  max_grad_norm: float | None = 1.0
-  micro_batches: int = 1
-
-  def __post_init__(self):
-    _check_finite(self, "grpo.")
-    _check(self.prompts_per_iteration >= 1,
-           f"grpo.prompts_per_iteration={self.prompts_per_iteration} must be >= 1")
-    self.grpo_config(max_new_tokens=1)  # validates the rest, naming the field
-
-  def grpo_config(self, *, max_new_tokens: int):
-    """The :class:`experiments.grpo.GrpoConfig` of this spec."""
-    from experiments.grpo import GrpoConfig  # config stays importable without the model code
-    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    del fields["prompts_per_iteration"]
-    return GrpoConfig(**fields, max_new_tokens=max_new_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +208,7 @@ class ExperimentConfig:
     eval_every: iterations between metric records (and the first, at 0).
     checkpoint_every: iterations between checkpoints (0: only at the end).
     keep_checkpoints: checkpoints kept (the newest).
-    prompt_batch: prompts per decode call (bounds memory with the member chunk).
+    prompt_batch: prompts per decode call (bounds memory with ``es.chunk_size``).
     pop_devices: devices on the ``'pop'`` mesh axis; 0 = all local devices,
       1 = no mesh.
     seed: seeds the noise, data order and sampling.
@@ -262,7 +219,7 @@ class ExperimentConfig:
   task: TaskSpec = TaskSpec()
   es: EsSpec = EsSpec()
   awd: AwdSpec = AwdSpec()
-  grpo: GrpoSpec = GrpoSpec()
+  grpo: GrpoConfig = GrpoConfig()
   iterations: int = 500
   eval_every: int = 25
   checkpoint_every: int = 25
@@ -296,10 +253,21 @@ class ExperimentConfig:
     return _from_dict(cls, d)
 
 
+# Fields renamed since runs were written: (section class, old name) -> new name.
+RENAMED = {("EsSpec", "member_chunk"): "chunk_size"}
+
+
+def _renamed(cls: type, names) -> str:
+  """``" (X was renamed Y)"`` for each renamed field among ``names``, else ``""``."""
+  hints = [f"{old} was renamed {RENAMED[cls.__name__, old]}" for old in sorted(names)
+           if (cls.__name__, old) in RENAMED]
+  return f" ({'; '.join(hints)})" if hints else ""
+
+
 def _from_dict(cls, d: Mapping[str, Any]):
   hints = typing.get_type_hints(cls)
   unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-  _check(not unknown, f"unknown {cls.__name__} fields {sorted(unknown)}")
+  _check(not unknown, f"unknown {cls.__name__} fields {sorted(unknown)}{_renamed(cls, unknown)}")
   kwargs = {}
   for name, value in d.items():
     hint = hints[name]
@@ -351,8 +319,8 @@ def apply_overrides(config: ExperimentConfig, overrides: Sequence[str]) -> Exper
     *sections, field = path.strip().split(".")
     for name in sections + [field]:
       fields = {f.name for f in dataclasses.fields(cls)}
-      _check(name in fields, f"override {override!r}: {cls.__name__} has no field {name!r}; "
-                             f"fields: {', '.join(sorted(fields))}")
+      _check(name in fields, f"override {override!r}: {cls.__name__} has no field {name!r}"
+                             f"{_renamed(cls, [name])}; fields: {', '.join(sorted(fields))}")
       hint = typing.get_type_hints(cls)[name]
       if name == field:
         _check(not dataclasses.is_dataclass(hint),
@@ -373,7 +341,7 @@ def _with(config: ExperimentConfig, name: str, **sections: Mapping[str, Any]) ->
   return dataclasses.replace(config, name=name, **changes)
 
 
-# The papers' ES on Countdown (reference section 1): full-rank noise, no antithetic
+# The papers' ES on Countdown: full-rank noise, no antithetic
 # pairs, z-score shaping, alpha=5e-4, sigma=1e-3, N=30, 200 prompts, greedy decoding.
 COUNTDOWN_ES = ExperimentConfig()
 GSM8K_ES = _with(COUNTDOWN_ES, "gsm8k_es", task=dict(target="gsm8k", max_new_tokens=512))
@@ -382,7 +350,7 @@ AWD_L2 = _with(COUNTDOWN_ES, "countdown_awd_l2", awd=dict(kind="l2", strength=10
 AWD_L1 = _with(COUNTDOWN_ES, "countdown_awd_l1", awd=dict(kind="l1", strength=0.01))
 GRPO = dataclasses.replace(COUNTDOWN_ES, name="grpo", algorithm="grpo")
 
-# The AWD paper's ablation grids (reference section 3).
+# The AWD paper's ablation grids.
 L2_GRID = (0.05, 0.5, 1.0, 5.0, 10.0, 50.0, 100.0)
 L1_GRID = (1e-4, 1e-3, 1e-2, 5e-2)
 

@@ -1,10 +1,12 @@
 """GRPO (Group Relative Policy Optimization) in JAX + optax: the gradient baseline for ES.
 
-The papers this library reproduces (``docs``/reference sections 1-3) compare ES
-with GRPO run at N=30 rollouts per prompt and a KL penalty beta=1e-3 to the
-reference model. This module is that baseline on es_jax's own model code
-(:mod:`es_jax.models`) and task rewards, so both methods see the same
-decoder, tokenizer, prompts and reward functions.
+The forgetting paper compares ES with GRPO run at N=30 rollouts per prompt
+and a KL penalty beta=1e-3 to the reference model. This module is that
+baseline's model side and iteration, on es_jax's own model code
+(:mod:`es_jax.models`) and task rewards, so both methods see the same decoder,
+tokenizer, prompts and reward functions. The objective itself (advantages,
+clipped surrogate, k3 KL) is :mod:`experiments.grpo_objective`; the settings
+are :class:`experiments.grpo_config.GrpoConfig`.
 
 One GRPO iteration (Shao et al. 2024, DeepSeekMath, eq. 3 with the k3 KL of
 eq. 4):
@@ -14,24 +16,17 @@ eq. 4):
    rows ``p*G ... p*G + G - 1``.
 2. Rewards are Python functions of the completion texts (e.g.
    :func:`es_jax.evaluation.countdown.countdown_reward`), computed on the host.
-3. :func:`group_advantages`: ``A = (r - mean_group) / (std_group + eps)``, one
-   advantage per completion, shared by all of its tokens.
+3. :func:`~experiments.grpo_objective.group_advantages`: ``A = (r - mean_group)
+   / (std_group + eps)``, one advantage per completion, shared by all of its tokens.
 4. :func:`make_grpo_update`: one optax step on the clipped surrogate minus
    ``beta * KL``, with per-token log-probs from :func:`completion_logprobs`.
 
 :func:`grpo_iteration` chains the four; the pieces are public so a runner can
 change any one of them (batching, reward aggregation, logging).
 
-Conventions (each documented where it is implemented):
+Conventions (each documented where it is implemented; the objective's are in
+:mod:`experiments.grpo_objective`):
 
-* Advantages use the population std (``ddof=0``) and ``eps=1e-4``. TRL's
-  ``GRPOTrainer`` uses ``torch.std``, the Bessel-corrected sample std
-  (``ddof=1``): pass ``ddof=1`` to match it; at ``G=30`` the two differ by
-  1.7%. A group whose rewards are all equal has zero advantage (no signal).
-* Token averaging is DeepSeekMath's ``1/G sum_i 1/|o_i| sum_t``: a mean over
-  each completion's tokens, then a mean over completions (TRL's
-  ``loss_type="grpo"``). Logged KL, ratio and clip fraction are means over all
-  valid tokens (as TRL logs them).
 * The EOS token is part of the completion (decode's ``lengths`` count it): its
   log-prob is trained, so the policy learns when to stop.
 * Log-probs are of the sampling distribution ``softmax(logits / temperature)``
@@ -46,20 +41,20 @@ Conventions (each documented where it is implemented):
 
 Example (one iteration; :func:`grpo_iteration` has a runnable version)::
 
-  config = GrpoConfig(group_size=30, max_new_tokens=1024, learning_rate=1e-6)
-  update = config.make_update(model)                  # jitted; build once
+  config = GrpoConfig(group_size=30, learning_rate=1e-6)
+  update = make_update(config, model)                 # jitted; build once
   opt_state = config.optimizer().init(params)
   ref_params = params                                 # the KL anchor: the initial model
   for step, (prompt_ids, prompt_mask) in enumerate(batches):
     out = grpo_iteration(model, update, config, params, opt_state, ref_params,
-                         prompt_ids, prompt_mask, tokenizer=tok, reward_fn=reward_fn,
-                         key=jax.random.fold_in(key, step), eos_ids=eos_ids)
+                         prompt_ids, prompt_mask, max_new_tokens=1024, tokenizer=tok,
+                         reward_fn=reward_fn, key=jax.random.fold_in(key, step),
+                         eos_ids=eos_ids)
     params, opt_state = out.params, out.opt_state
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -70,229 +65,11 @@ import numpy as np
 import optax
 
 from es_jax.models import DecodeOutput, Transformer, completion_texts, decode, logits_fn
+from experiments.grpo_config import GrpoConfig
+from experiments.grpo_objective import group_advantages, grpo_objective
 
 PyTree = Any
 RewardFn = Callable[[list[str], np.ndarray], Any]
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration.
-
-
-@dataclasses.dataclass(frozen=True)
-class GrpoConfig:
-  """GRPO hyper-parameters; defaults are the published baseline's (reference section 2).
-
-  Attributes:
-    group_size: completions sampled per prompt, ``G`` (the papers: 30).
-    clip_eps: PPO clip range: ratios outside ``[1 - eps, 1 + eps]`` stop
-      contributing gradient in the direction that would leave it.
-    kl_beta: weight of the k3 KL penalty to the reference model (papers: 1e-3;
-      0 skips the reference forward).
-    learning_rate: Adam's step size (TRL's default 1e-6).
-    temperature: sampling temperature (> 0: GRPO needs a stochastic policy).
-    max_new_tokens: completion length cap.
-    num_inner_steps: optimisation steps per rollout batch, ``mu`` (1: on-policy).
-    max_grad_norm: global-norm gradient clip before Adam (Hugging Face Trainer's
-      default 1.0); None disables it.
-    adv_eps: added to the group std before dividing (TRL's 1e-4).
-    micro_batches: :func:`grpo_iteration` splits the ``P*G`` rows into this
-      many equal micro-batches, one update call each, and :meth:`optimizer`
-      accumulates their gradients (``optax.MultiSteps``) into one step: the
-      same step as on the whole batch, in ``1 / micro_batches`` of the
-      activation memory.
-
-  Example:
-    >>> GrpoConfig(max_new_tokens=64).group_size
-    30
-    >>> GrpoConfig(clip_eps=2.0)
-    Traceback (most recent call last):
-    ...
-    ValueError: clip_eps must be in (0, 1) (0.2 is the usual value), got 2.0.
-  """
-
-  group_size: int = 30
-  clip_eps: float = 0.2
-  kl_beta: float = 1e-3
-  learning_rate: float = 1e-6
-  temperature: float = 1.0
-  max_new_tokens: int = 256
-  num_inner_steps: int = 1
-  max_grad_norm: float | None = 1.0
-  adv_eps: float = 1e-4
-  micro_batches: int = 1
-
-  def __post_init__(self):
-    def fail(name, rule, hint=""):
-      raise ValueError(f"{name} must be {rule}{hint}, got {getattr(self, name)!r}.")
-
-    is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-    if not is_int(self.group_size) or self.group_size < 2:
-      fail("group_size", "an int >= 2", " (advantages compare completions of one prompt)")
-    if not 0 < self.clip_eps < 1:
-      fail("clip_eps", "in (0, 1)", " (0.2 is the usual value)")
-    if not self.kl_beta >= 0:  # also rejects NaN
-      fail("kl_beta", ">= 0", " (0 disables the KL penalty)")
-    if not self.learning_rate > 0:
-      fail("learning_rate", "> 0")
-    if not self.temperature > 0:
-      fail("temperature", "> 0", " (GRPO samples; greedy decoding gives identical groups)")
-    if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
-      fail("max_new_tokens", "an int >= 1")
-    if not is_int(self.num_inner_steps) or self.num_inner_steps < 1:
-      fail("num_inner_steps", "an int >= 1", " (1 = on-policy)")
-    if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-      fail("max_grad_norm", "> 0 or None", " (None disables clipping)")
-    if not self.adv_eps > 0:
-      fail("adv_eps", "> 0", " (it keeps all-equal groups finite)")
-    if not is_int(self.micro_batches) or self.micro_batches < 1:
-      fail("micro_batches", "an int >= 1", " (1 = the whole batch at once)")
-
-  def optimizer(self) -> optax.GradientTransformation:
-    """Adam at ``learning_rate`` after a global-norm clip (TRL / HF Trainer defaults, no decay).
-
-    No weight decay: decaying toward zero is not the KL anchor and would move
-    every weight, where GRPO's update is known to be sparse. With
-    ``micro_batches > 1`` it is wrapped in ``optax.MultiSteps``: the first
-    ``micro_batches - 1`` calls only accumulate (params unchanged, so the
-    on-policy ratio stays 1), the last applies Adam to the mean gradient.
-    """
-    optimizer = optax.adam(self.learning_rate)
-    if self.max_grad_norm is not None:
-      optimizer = optax.chain(optax.clip_by_global_norm(self.max_grad_norm), optimizer)
-    if self.micro_batches > 1:
-      optimizer = optax.MultiSteps(optimizer, every_k_schedule=self.micro_batches)
-      optimizer = optimizer.gradient_transformation()
-    return optimizer
-
-  def make_update(self, model: Transformer, optimizer: optax.GradientTransformation | None = None):
-    """:func:`make_grpo_update` with this config's objective (and optimizer unless given)."""
-    return make_grpo_update(model, self.optimizer() if optimizer is None else optimizer,
-                            clip_eps=self.clip_eps, kl_beta=self.kl_beta,
-                            temperature=self.temperature)
-
-
-# ---------------------------------------------------------------------------------------------
-# The objective: pure functions of arrays, model-agnostic.
-
-
-@functools.partial(jax.jit, static_argnames="ddof")  # one program instead of a dozen eager ops
-def group_advantages(rewards_pg: jax.Array, *, eps: float = 1e-4, ddof: int = 0) -> jax.Array:
-  """GRPO advantages: each reward standardised within its prompt's group.
-
-  ``A[p, g] = (r[p, g] - mean_g r[p]) / (std_g r[p] + eps)`` (DeepSeekMath's
-  outcome supervision). ``std`` is the population std (``ddof=0``) by default;
-  TRL uses the sample std (``ddof=1``). A group whose rewards are all equal
-  gets zero advantage: it carries no preference between its completions.
-  ``es_jax.shaping.group_z_score`` is the same shaping for ES fitness (eps 1e-8,
-  flat input, NaN-tolerant); this one takes ``(P, G)`` and rejects nothing.
-
-  Args:
-    rewards_pg: ``(P, G)`` rewards, row ``p`` the ``G`` completions of prompt ``p``.
-    eps: added to the std (keeps a near-constant group from blowing up).
-    ddof: delta degrees of freedom of the std (0 population, 1 sample).
-
-  Returns:
-    ``(P, G)`` float32 advantages.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> group_advantages(jnp.array([[0.0, 1.0], [2.0, 2.0]])).round(3).tolist()
-    [[-1.0, 1.0], [0.0, 0.0]]
-  """
-  rewards_pg = jnp.asarray(rewards_pg, jnp.float32)
-  if rewards_pg.ndim != 2:
-    raise ValueError(f"rewards_pg must be (prompts, group_size), got shape {rewards_pg.shape}.")
-  mean_p1 = jnp.mean(rewards_pg, axis=1, keepdims=True)
-  std_p1 = jnp.std(rewards_pg, axis=1, keepdims=True, ddof=ddof)
-  return (rewards_pg - mean_p1) / (std_p1 + eps)
-
-
-def kl_k3(logp_bt: jax.Array, ref_logp_bt: jax.Array) -> jax.Array:
-  """Per-token k3 estimate of ``KL(policy || reference)``: ``exp(d) - d - 1``, ``d = ref - logp``.
-
-  Evaluated at tokens sampled from the policy, its mean is the KL (unbiased,
-  since ``E_pi[exp(d)] = 1``), and every term is ``>= 0``, zero iff the two
-  log-probs are equal (Schulman's "k3"; DeepSeekMath eq. 4).
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> [round(k, 4) for k in kl_k3(jnp.array([-1.0, -2.0]), jnp.array([-1.0, -1.0])).tolist()]
-    [0.0, 0.7183]
-  """
-  log_ratio = ref_logp_bt - logp_bt
-  return jnp.exp(log_ratio) - log_ratio - 1.0
-
-
-def grpo_objective(logp_bt: jax.Array, old_logp_bt: jax.Array, ref_logp_bt: jax.Array,
-                   advantages_b: jax.Array, mask_bt: jax.Array, *, clip_eps: float = 0.2,
-                   kl_beta: float = 1e-3) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The GRPO loss: negative clipped surrogate plus ``kl_beta`` times the k3 KL.
-
-  Per token ``t`` of completion ``i`` with ``ratio = exp(logp - old_logp)``::
-
-    J_it = min(ratio * A_i, clip(ratio, 1 - eps, 1 + eps) * A_i) - beta * k3(logp, ref_logp)
-    J    = 1/B sum_i 1/|o_i| sum_t J_it         (DeepSeekMath eq. 3)
-    loss = -J
-
-  ``old_logp`` and ``ref_logp`` are constants (no gradient flows into them).
-  Masked entries may hold anything, even inf or NaN: they are zeroed first.
-
-  Args:
-    logp_bt: ``(B, T)`` log-probs of the sampled tokens under the policy being trained.
-    old_logp_bt: ``(B, T)`` the same under the policy that sampled them.
-    ref_logp_bt: ``(B, T)`` the same under the reference model.
-    advantages_b: ``(B,)`` one advantage per completion.
-    mask_bt: ``(B, T)`` 1 at completion tokens (EOS included).
-    clip_eps: clip range.
-    kl_beta: KL weight.
-
-  Returns:
-    ``(loss, aux)``; ``aux`` holds token means over valid tokens: ``kl`` (k3),
-    ``ratio``, ``clip_fraction`` (tokens whose clip is active: ratio above
-    ``1 + eps`` with ``A > 0`` or below ``1 - eps`` with ``A < 0``), and
-    ``num_tokens``.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> lp = jnp.log(jnp.array([[0.5, 0.5], [0.25, 1.0]]))
-    >>> loss, aux = grpo_objective(lp, lp, lp, jnp.array([1.0, 0.5]),
-    ...                            jnp.array([[1, 1], [1, 0]]))
-    >>> float(aux["kl"]), float(aux["ratio"]), float(aux["clip_fraction"])
-    (0.0, 1.0, 0.0)
-    >>> float(loss)  # at ratio 1 and zero KL: -(mean of per-completion advantages)
-    -0.75
-  """
-  valid_bt = mask_bt > 0
-  zero = lambda x: jnp.where(valid_bt, x, 0.0)  # before exp: keeps garbage out of gradients
-  logp_bt = zero(logp_bt)
-  old_logp_bt = jax.lax.stop_gradient(zero(old_logp_bt))
-  ref_logp_bt = jax.lax.stop_gradient(zero(ref_logp_bt))
-  adv_b1 = jax.lax.stop_gradient(advantages_b.astype(jnp.float32))[:, None]
-
-  ratio_bt = jnp.exp(logp_bt - old_logp_bt)
-  clipped_bt = jnp.clip(ratio_bt, 1.0 - clip_eps, 1.0 + clip_eps)
-  surrogate_bt = jnp.minimum(ratio_bt * adv_b1, clipped_bt * adv_b1)
-  kl_bt = kl_k3(logp_bt, ref_logp_bt)
-  per_token_bt = surrogate_bt - kl_beta * kl_bt
-
-  weights_bt = valid_bt.astype(jnp.float32)
-  tokens_b = jnp.sum(weights_bt, axis=1)
-  # max(., 1): a row with no tokens (batch padding) contributes 0 instead of NaN.
-  per_sequence_b = jnp.sum(per_token_bt * weights_bt, axis=1) / jnp.maximum(tokens_b, 1.0)
-  loss = -jnp.mean(per_sequence_b)
-
-  num_tokens = jnp.sum(weights_bt)
-  token_mean = lambda x: jnp.sum(x * weights_bt) / jnp.maximum(num_tokens, 1.0)
-  is_clipped_bt = (((ratio_bt > 1.0 + clip_eps) & (adv_b1 > 0))
-                   | ((ratio_bt < 1.0 - clip_eps) & (adv_b1 < 0)))
-  aux = {
-      "kl": token_mean(kl_bt),
-      "ratio": token_mean(ratio_bt),
-      "clip_fraction": token_mean(is_clipped_bt.astype(jnp.float32)),
-      "num_tokens": num_tokens,
-  }
-  return loss, jax.tree.map(jax.lax.stop_gradient, aux)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,10 +108,8 @@ def completion_logprobs(model: Transformer, params: PyTree, prompt_ids: jax.Arra
   Example:
     >>> import jax, jax.numpy as jnp
     >>> from es_jax.models import ModelConfig, Transformer, init_params
-    >>> cfg = ModelConfig(family="qwen2", vocab_size=11, hidden_size=10, intermediate_size=13,
-    ...     num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, rope_theta=1e4,
-    ...     rms_norm_eps=1e-6, tie_word_embeddings=True, qkv_bias=True, dtype=jnp.float32)
-    >>> model = Transformer(cfg)
+    >>> model = Transformer(ModelConfig.preset("qwen2.5-0.5b-instruct", num_layers=1,
+    ...     vocab_size=11, hidden_size=10, intermediate_size=13, num_heads=2, head_dim=4))
     >>> params = init_params(model, jax.random.key(0))
     >>> logp, mask = completion_logprobs(model, params, jnp.array([[0, 3, 4]]),
     ...     jnp.array([[0, 1, 1]]), jnp.array([[5, 6, 0]]), jnp.array([2]))
@@ -424,13 +199,11 @@ def sample_group(model: Transformer, params: PyTree, prompt_ids, prompt_mask, *,
   Returns:
     :class:`Rollouts` with ``P*G`` rows.
 
-  Example:
-    >>> import jax, jax.numpy as jnp
+  Example (rows ``p*G ... p*G + G - 1`` repeat prompt ``p``):
     >>> from es_jax.models import ModelConfig, Transformer, init_params
-    >>> cfg = ModelConfig(family="qwen2", vocab_size=11, hidden_size=10, intermediate_size=13,
-    ...     num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, rope_theta=1e4,
-    ...     rms_norm_eps=1e-6, tie_word_embeddings=True, qkv_bias=True, dtype=jnp.float32)
-    >>> model = Transformer(cfg)
+    >>> import jax, jax.numpy as jnp
+    >>> model = Transformer(ModelConfig.preset("qwen2.5-0.5b-instruct", num_layers=1,
+    ...     vocab_size=11, hidden_size=10, intermediate_size=13, num_heads=2, head_dim=4))
     >>> params = init_params(model, jax.random.key(0))
     >>> r = sample_group(model, params, jnp.array([[0, 3, 4], [5, 6, 7]]),
     ...     jnp.array([[0, 1, 1], [1, 1, 1]]), group_size=3, key=jax.random.key(1),
@@ -486,10 +259,8 @@ def make_grpo_update(model: Transformer, optimizer: optax.GradientTransformation
   Example:
     >>> import jax, jax.numpy as jnp, optax
     >>> from es_jax.models import ModelConfig, Transformer, init_params
-    >>> cfg = ModelConfig(family="qwen2", vocab_size=11, hidden_size=10, intermediate_size=13,
-    ...     num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4, rope_theta=1e4,
-    ...     rms_norm_eps=1e-6, tie_word_embeddings=True, qkv_bias=True, dtype=jnp.float32)
-    >>> model = Transformer(cfg)
+    >>> model = Transformer(ModelConfig.preset("qwen2.5-0.5b-instruct", num_layers=1,
+    ...     vocab_size=11, hidden_size=10, intermediate_size=13, num_heads=2, head_dim=4))
     >>> params = init_params(model, jax.random.key(0))
     >>> optimizer = optax.adam(1e-3)
     >>> update = make_grpo_update(model, optimizer)
@@ -538,6 +309,14 @@ def make_grpo_update(model: Transformer, optimizer: optax.GradientTransformation
   return update
 
 
+def make_update(config: GrpoConfig, model: Transformer,
+                optimizer: optax.GradientTransformation | None = None):
+  """:func:`make_grpo_update` with ``config``'s objective (and optimizer unless given)."""
+  return make_grpo_update(model, config.optimizer() if optimizer is None else optimizer,
+                          clip_eps=config.clip_eps, kl_beta=config.kl_beta,
+                          temperature=config.temperature)
+
+
 @functools.partial(jax.jit, static_argnums=0, static_argnames="temperature")
 def _jit_logprobs(model, params, *rollout, temperature):
   """Jitted :func:`completion_logprobs` (one program per model, shapes and temperature)."""
@@ -568,19 +347,20 @@ class IterationOutput(NamedTuple):
 
 
 def grpo_iteration(model: Transformer, update, config: GrpoConfig, params: PyTree, opt_state: Any,
-                   ref_params: PyTree | None, prompt_ids, prompt_mask, *, tokenizer: Any,
-                   reward_fn: RewardFn, key: jax.Array, eos_ids: Sequence[int],
+                   ref_params: PyTree | None, prompt_ids, prompt_mask, *, max_new_tokens: int,
+                   tokenizer: Any, reward_fn: RewardFn, key: jax.Array, eos_ids: Sequence[int],
                    pad_id: int | None = None, stop: Sequence[str] = ()) -> IterationOutput:
   """Sample, score, standardise, update: one GRPO iteration on a batch of prompts.
 
   Args:
     model: the decoder.
-    update: from ``config.make_update(model)`` (built once: it is the compiled step;
+    update: from ``make_update(config, model)`` (built once: it is the compiled step;
       its optimizer is ``config.optimizer()``, whose state ``opt_state`` must be).
     config: group size, sampling, number of inner steps and micro-batches.
     params, opt_state: the policy and its optimizer state.
     ref_params: the reference model (None when ``kl_beta == 0``).
     prompt_ids, prompt_mask: ``(P, T_p)`` left-padded prompts.
+    max_new_tokens: completion length cap (the runner's ``task.max_new_tokens``).
     tokenizer: turns completion tokens into text (EOS dropped, special tokens skipped).
     reward_fn: ``reward_fn(completions, prompt_indices) -> (P*G,)`` rewards,
       where ``prompt_indices[b] = b // G`` says which prompt row ``b`` answers
@@ -594,8 +374,9 @@ def grpo_iteration(model: Transformer, update, config: GrpoConfig, params: PyTre
     :class:`IterationOutput`.
 
   Raises:
-    ValueError: if ``reward_fn`` returns the wrong number of rewards or any
-      NaN / inf (the message names the first such completion); if
+    ValueError: if ``max_new_tokens`` is not an int >= 1; if ``reward_fn``
+      returns the wrong number of rewards or any NaN / inf (the message names
+      the first such completion); if
       ``micro_batches`` does not divide ``P*G`` or ``opt_state`` does not
       accumulate micro-batches (no ``optax.MultiSteps``).
 
@@ -609,8 +390,8 @@ def grpo_iteration(model: Transformer, update, config: GrpoConfig, params: PyTre
     ...     rope_theta=1e4, rms_norm_eps=1e-6, tie_word_embeddings=True, qkv_bias=True,
     ...     dtype=jnp.float32))
     >>> params = ref_params = init_params(model, jax.random.key(0))  # reference = start
-    >>> config = GrpoConfig(group_size=4, max_new_tokens=3, learning_rate=1e-3)
-    >>> update = config.make_update(model)  # the compiled step: build once, reuse
+    >>> config = GrpoConfig(group_size=4, learning_rate=1e-3)
+    >>> update = make_update(config, model)  # the compiled step: build once, reuse
     >>> opt_state = config.optimizer().init(params)
     >>> ids, mask = encode_prompts(tok, ["1+1=", "2+2="], pad_to_multiple=4)
     >>> answers = ["2", "4"]
@@ -618,15 +399,18 @@ def grpo_iteration(model: Transformer, update, config: GrpoConfig, params: PyTre
     ...   return np.array([float(c.strip() == answers[p])
     ...                    for c, p in zip(completions, prompt_indices)])
     >>> out = grpo_iteration(model, update, config, params, opt_state, ref_params, ids, mask,
-    ...                      tokenizer=tok, reward_fn=reward_fn, key=jax.random.key(1),
-    ...                      eos_ids=(tok.eos_token_id,))
+    ...                      max_new_tokens=3, tokenizer=tok, reward_fn=reward_fn,
+    ...                      key=jax.random.key(1), eos_ids=(tok.eos_token_id,))
     >>> params, opt_state = out.params, out.opt_state
     >>> out.rewards.shape, len(out.completions), out.metrics["ratio"]
     ((2, 4), 8, 1.0)
   """
+  if (not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool)
+      or max_new_tokens < 1):
+    raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
   g = config.group_size
   rollouts = sample_group(model, params, prompt_ids, prompt_mask, group_size=g, key=key,
-                          max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                          max_new_tokens=max_new_tokens, temperature=config.temperature,
                           eos_ids=eos_ids, pad_id=pad_id)
   texts = completion_texts(tokenizer, rollouts.completion_tokens, rollouts.completion_lengths,
                            eos_ids, stop)

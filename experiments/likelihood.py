@@ -63,25 +63,25 @@ def encode_answers(task: Any, examples: Sequence[Any], tokenizer: Any, *,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _chunk_logprob(model: Transformer, num_members: int, es_state, params, first_member,
+def _chunk_logprob(model: Transformer, num_members: int, opt_state, params, first_member,
                    input_ids, attention_mask, answer_mask) -> jax.Array:
   """``(members, rows)`` summed log-probs of the gold tokens under members ``first + k``."""
   def member(i):
-    noise = es_jax.member_noise(es_state, params, i)
+    noise = es_jax.member_noise(opt_state, params, i)
     return jnp.sum(token_logprobs(model, params, input_ids, attention_mask, noise) * answer_mask,
                    axis=-1)
   return jax.lax.map(member, first_member + jnp.arange(num_members))
 
 
-def population_answer_logprob(model: Transformer, es_state, params: PyTree, answers: AnswerSet,
-                              indices, *, population: int, member_chunk: int) -> np.ndarray:
+def population_answer_logprob(model: Transformer, opt_state, params: PyTree, answers: AnswerSet,
+                              indices, *, population: int, chunk_size: int) -> np.ndarray:
   """Each member's mean gold-answer log-probability over ``answers[indices]``, shape ``(N,)``."""
   indices = np.asarray(indices)
   ids, mask, answer = (answers.input_ids[indices], answers.attention_mask[indices],
                        answers.answer_mask[indices])
   fitness = np.empty(population)
-  for first in range(0, population, member_chunk):
-    n = min(member_chunk, population - first)
+  for first in range(0, population, chunk_size):
+    n = min(chunk_size, population - first)
     fitness[first:first + n] = np.asarray(
-        _chunk_logprob(model, n, es_state, params, first, ids, mask, answer)).mean(axis=1)
+        _chunk_logprob(model, n, opt_state, params, first, ids, mask, answer)).mean(axis=1)
   return fitness

@@ -12,8 +12,9 @@ Usage::
 A run directory holds ``config.json``, ``metrics.jsonl`` (one record per
 ``eval_every`` iterations: target-task accuracy and reward, prior-task
 accuracy, KL to the base model, update norm and sparsity, per group too,
-training reward, and ``wall_time_s``: seconds spent training so far, evaluation
-excluded, summed over resumptions), the plots ``forgetting.png``,
+training reward (with ``es.kl_beta`` > 0 also ``train_kl``: the members' mean KL
+to the base model, the fitness penalty divided by beta), and ``wall_time_s``:
+seconds spent training so far, evaluation excluded, summed over resumptions), the plots ``forgetting.png``,
 ``update_norm.png`` and ``sparsity.png``, ``checkpoints/`` (orbax; params,
 optimizer and ES state with its keys and counts, the AWD anchor, the data
 position, the metrics and the ES fitness vectors so far), and for ES
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import pathlib
@@ -56,7 +58,7 @@ from tqdm import tqdm
 import es_jax
 
 from experiments import components, config as config_lib, evaluate, plots, rundir, summary
-from experiments.checkpointing import (CheckpointError, RunCheckpointer,
+from experiments.checkpointing import (RunCheckpointError, RunCheckpointer,
                                        silence_closed_event_loop_noise)
 from experiments.config import ExperimentConfig
 from experiments.rundir import RunError
@@ -69,12 +71,22 @@ SCHEDULE_FIELDS = ("name", "iterations", "eval_every", "checkpoint_every", "keep
                    "prompt_batch", "pop_devices")
 
 
+# Fields added after runs were checkpointed, as (section, field): left out of the fingerprint
+# while at their default, so those runs still resume (their trajectory had the default).
+LATER_FIELDS = (("grpo", "adv_eps"), ("es", "kl_beta"))
+
+
 def fingerprint(config: ExperimentConfig) -> dict[str, Any]:
   """The config fields a checkpoint must agree with to be resumed (JSON-able)."""
   d = config.to_dict()
   for name in SCHEDULE_FIELDS:
     d.pop(name)
-  d["es"].pop("member_chunk")
+  d["es"].pop("chunk_size")
+  for section, name in LATER_FIELDS:
+    default = next(f.default for f in dataclasses.fields(getattr(config, section))
+                   if f.name == name)
+    if d[section][name] == default:
+      d[section].pop(name)
   return json.loads(json.dumps(d))
 
 
@@ -144,7 +156,7 @@ def run(config: ExperimentConfig, out: str | pathlib.Path, *, resume: bool = Fal
       this runner, already holds a run and ``resume`` is False, is in use by
       another runner, or its checkpoint is past ``config.iterations``; or the
       params stopped being finite (the run stops before saving them).
-    CheckpointError: the newest checkpoint is corrupt or from an incompatible config.
+    RunCheckpointError: the newest checkpoint is corrupt or from an incompatible config.
     OSError: a file could not be written (earlier checkpoints are intact).
 
   ``baselines`` (a sweep's) maps :func:`baseline_key` to an iteration-0 record
@@ -174,9 +186,9 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool,
               f"{latest} to extend it.", file=sys.stderr)
         return list(meta["metrics"])
     stack.enter_context(mesh_for(config))
-    c = components.build(config)  # checks the data's size before loading the model
-    trainer = make_trainer(c, config)
-    state = trainer.init(c.params0)
+    parts = components.build(config)  # checks the data's size before loading the model
+    trainer = make_trainer(parts, config)
+    state = trainer.init(parts.params0)
     start, records, wall, history = 0, [], 0.0, []
     if latest is not None:
       state, meta = checkpointer.restore(state, step=latest)
@@ -191,7 +203,7 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool,
     if start == 0:
       key = baseline_key(config)
       if key not in baselines:
-        baselines[key] = evaluate.snapshot(c, config, state["params"], 0, progress=progress)
+        baselines[key] = evaluate.snapshot(parts, config, state["params"], 0, progress=progress)
       records.append({**baselines[key], "train_reward": None, "wall_time_s": 0.0})
     # On resume this also drops records a killed run wrote after its last checkpoint.
     _write_metrics(out / "metrics.jsonl", records)
@@ -211,9 +223,10 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool,
       last = iteration == config.iterations
       if iteration % config.eval_every == 0 or last:
         with_prior = last or (iteration // config.eval_every) % config.task.prior_every == 0
-        records.append({**evaluate.snapshot(c, config, state["params"], iteration,
+        records.append({**evaluate.snapshot(parts, config, state["params"], iteration,
                                             progress=progress, with_prior=with_prior),
-                        "train_reward": info["train_reward"], "wall_time_s": wall})
+                        "train_reward": info["train_reward"], "wall_time_s": wall,
+                        **({"train_kl": info["train_kl"]} if "train_kl" in info else {})})
         _write_metrics(out / "metrics.jsonl", records)
         plots.write_plots({config.name: records}, out)
         bar.write(_summary_line(records[-1]))
@@ -223,7 +236,7 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool,
             "wall_time_s": wall, **_history_meta(history)})
         saved = iteration
     if history:
-      write_patch(out / PATCH_NAME, trainer.recipe, c.params0, history, config)
+      write_patch(out / PATCH_NAME, trainer.recipe, parts.params0, history, config)
   plots.write_plots({config.name: records}, out)
   return records
 
@@ -261,14 +274,14 @@ def _check_resumable(checkpointer: RunCheckpointer, step: int, meta: dict,
   where = checkpointer.directory / str(step)
   if not (isinstance(meta.get("iteration"), int) and isinstance(meta.get("metrics"), list)
           and isinstance(meta.get("wall_time_s"), (int, float))):
-    raise CheckpointError(f"Checkpoint {where} has no iteration, metrics or wall_time_s in its "
-                          "meta: it was not written by experiments.run. Delete it to fall back "
-                          "to the previous checkpoint, or start a fresh run with a new --out.")
+    raise RunCheckpointError(f"Checkpoint {where} has no iteration, metrics or wall_time_s in its "
+                             "meta: it was not written by experiments.run. Delete it to fall back "
+                             "to the previous checkpoint, or start a fresh run with a new --out.")
   if meta["iteration"] != step:
-    raise CheckpointError(f"Checkpoint {where} says iteration {meta['iteration']} but is step "
-                          f"{step}: its directory was renamed or it belongs to another run. "
-                          "Nothing was changed; delete it to fall back to the previous "
-                          "checkpoint, or start a fresh run with a new --out.")
+    raise RunCheckpointError(f"Checkpoint {where} says iteration {meta['iteration']} but is step "
+                             f"{step}: its directory was renamed or it belongs to another run. "
+                             "Nothing was changed; delete it to fall back to the previous "
+                             "checkpoint, or start a fresh run with a new --out.")
   if config.iterations < step:
     raise RunError(f"{checkpointer.directory.parent} is at iteration {step}, past "
                    f"iterations={config.iterations}: checkpoints are never rewound, so there is "
@@ -338,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return _resume(args.resume, args.set, not args.no_progress)
     if not args.preset:
       parser.error("name a preset (see --list) or --resume RUN_DIR")
-    configs = [config_lib.apply_overrides(c, args.set) for c in config_lib.expand(args.preset)]
+    configs = [config_lib.apply_overrides(cfg, args.set) for cfg in config_lib.expand(args.preset)]
     out = args.out or pathlib.Path("runs") / args.preset
     if args.preset in config_lib.SWEEPS:
       run_sweep(configs, out, resume=False, progress=not args.no_progress, sweep=args.preset,
@@ -346,7 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
       records = run(configs[0], out, progress=not args.no_progress)
       print(summary.table({configs[0].name: records}))
-  except (RunError, CheckpointError, ValueError) as e:
+  # ValueError covers bad configs and a model checkpoint that cannot be read
+  # (es_jax.models.checkpoint.CheckpointError); RunCheckpointError is the run's own state.
+  except (RunError, RunCheckpointError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except OSError as e:
@@ -378,8 +393,8 @@ def _resume(run_dir: pathlib.Path, overrides: Sequence[str], progress: bool) -> 
       raise RunError(f"{run_dir / 'sweep.json'} names no sweep and its overrides (it was "
                      "written by run_sweep without a sweep name); resume its runs one by one "
                      "with --resume <sub-directory>.")
-    configs = [config_lib.apply_overrides(c, list(sweep["overrides"]) + list(overrides))
-               for c in config_lib.expand(sweep["sweep"])]
+    configs = [config_lib.apply_overrides(cfg, list(sweep["overrides"]) + list(overrides))
+               for cfg in config_lib.expand(sweep["sweep"])]
     run_sweep(configs, run_dir, resume=True, progress=progress)
     return 0
   config_path = run_dir / "config.json"

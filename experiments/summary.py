@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 Records = Mapping[str, Sequence[Mapping[str, Any]]]
-HEADER = ("| run | iterations | new-task reward (held out) | prior-task accuracy | prior change "
+HEADER = ("| run | iterations | new task (target) reward, held out | prior-task accuracy "
+          "| prior change "
           "(paired SE) | KL to base (per token) | update norm | sparsity (tau=1e-6) "
           "| s / iteration | s / prior eval |\n"
           "|---|---|---|---|---|---|---|---|---|---|")

@@ -1,8 +1,9 @@
 """One training iteration of each algorithm, over a state ``{"params", "opt_state"}``.
 
 ``EsTrainer``: the papers' ES as ``optax.chain(es_step, sgd(alpha)[, anchored_weight_decay])``
-with the population's rewards computed by decoding (Python scoring) and passed
-as ``fitness=``. ``GrpoTrainer``: the GRPO baseline of :mod:`experiments.grpo`
+with the population's rewards computed by decoding (Python scoring), minus
+``es.kl_beta`` times each member's KL to the base model when that is on, and
+passed as ``fitness=``. ``GrpoTrainer``: the GRPO baseline of :mod:`experiments.grpo`
 on the same model and task. Everything random is a function of the config's
 seed and the iteration, so a state restored from a checkpoint continues
 exactly as the uninterrupted run would. Each step reports ``params_finite``:
@@ -49,13 +50,14 @@ def es_recipe(config: ExperimentConfig) -> es_jax.EsRecipe:
 class EsTrainer:
   """ES fine-tuning: decode every member on the iteration's prompts, score, step."""
 
-  def __init__(self, c: Components, config: ExperimentConfig):
-    self.c, self.config = c, config
+  def __init__(self, parts: Components, config: ExperimentConfig):
+    self.parts, self.config = parts, config
     self.recipe = es_recipe(config)
     self.tx = self.recipe.build()
     self.answers = None
     if config.es.fitness == "answer_logprob":
-      self.answers = likelihood.encode_answers(c.target_task, c.train.examples, c.tokenizer,
+      self.answers = likelihood.encode_answers(parts.target_task, parts.train.examples,
+                                               parts.tokenizer,
                                                chat_template=config.model.chat_template)
 
     @jax.jit
@@ -72,48 +74,56 @@ class EsTrainer:
   def step(self, state: State, iteration: int) -> tuple[State, dict[str, Any]]:
     config = self.config
     indices, position = components.prompt_indices(config, iteration)
-    es_state = state["opt_state"][0]
     if self.answers is not None:
-      fitness = likelihood.population_answer_logprob(
-          self.c.model, es_state, state["params"], self.answers, indices,
-          population=config.es.population, member_chunk=config.es.members_per_decode)
+      rewards = likelihood.population_answer_logprob(
+          self.parts.model, state["opt_state"], state["params"], self.answers, indices,
+          population=config.es.population, chunk_size=config.es.effective_chunk_size)
+      scores = rollouts.PopulationScores(rewards, None)
     else:
-      fitness = rollouts.population_fitness(
-          self.c, es_state, state["params"], indices, population=config.es.population,
-          member_chunk=config.es.members_per_decode, prompt_batch=config.prompt_batch,
-          max_new_tokens=config.task.max_new_tokens)
-    fitness = np.asarray(fitness, np.float32)  # what the update sees, and the patch stores
+      scores = rollouts.score_population(
+          self.parts, state["opt_state"], state["params"], indices,
+          population=config.es.population, chunk_size=config.es.effective_chunk_size,
+          prompt_batch=config.prompt_batch, max_new_tokens=config.task.max_new_tokens,
+          kl_to_base=config.es.kl_beta > 0)
+    rewards = np.asarray(scores.rewards, np.float32)
+    fitness = rewards
+    if scores.kl is not None:
+      fitness = np.asarray(scores.rewards - config.es.kl_beta * scores.kl, np.float32)
+    # ``fitness`` is what the update sees, and the patch stores.
     params, opt_state, finite = self._apply(state["params"], state["opt_state"], fitness)
-    info = {"fitness": fitness, "train_reward": float(np.nanmean(fitness)), "train_reward_max": float(np.nanmax(fitness)),
+    info = {"fitness": fitness, "train_reward": float(np.nanmean(rewards)),
+            "train_reward_max": float(np.nanmax(rewards)),
             "failed_members": int(np.sum(~np.isfinite(fitness))), "data_position": position,
             "params_finite": bool(finite)}
+    if scores.kl is not None:
+      info["train_kl"] = float(np.nanmean(scores.kl))  # mean over members; penalty = beta * it
     return {"params": params, "opt_state": opt_state}, info
 
 
 class GrpoTrainer:
   """The GRPO baseline: sample ``group_size`` completions per prompt, score, one Adam step."""
 
-  def __init__(self, c: Components, config: ExperimentConfig):
-    self.c, self.config = c, config
-    self.grpo_config = config.grpo.grpo_config(max_new_tokens=config.task.max_new_tokens)
-    self.optimizer = self.grpo_config.optimizer()
-    self.update = self.grpo_config.make_update(c.model, self.optimizer)
+  def __init__(self, parts: Components, config: ExperimentConfig):
+    self.parts, self.config = parts, config
+    self.optimizer = config.grpo.optimizer()
+    self.update = grpo.make_update(config.grpo, parts.model, self.optimizer)
 
   def init(self, params: PyTree) -> State:
     return {"params": params, "opt_state": self.optimizer.init(params)}
 
   def step(self, state: State, iteration: int) -> tuple[State, dict[str, Any]]:
-    c = self.c
+    parts = self.parts
     indices, position = components.prompt_indices(self.config, iteration)
-    examples = [c.train.examples[i] for i in indices]
+    examples = [parts.train.examples[i] for i in indices]
 
     def reward_fn(texts, prompt_of_row):
-      return rollouts.score(c.target_task, [examples[p] for p in prompt_of_row], texts)
+      return rollouts.score(parts.target_task, [examples[p] for p in prompt_of_row], texts)
 
     out = grpo.grpo_iteration(
-        c.model, self.update, self.grpo_config, state["params"], state["opt_state"], c.params0,
-        c.train.input_ids[indices], c.train.attention_mask[indices], tokenizer=c.tokenizer,
-        reward_fn=reward_fn, eos_ids=c.eos_ids,
+        parts.model, self.update, self.config.grpo, state["params"], state["opt_state"],
+        parts.params0, parts.train.input_ids[indices], parts.train.attention_mask[indices],
+        max_new_tokens=self.config.task.max_new_tokens, tokenizer=parts.tokenizer,
+        reward_fn=reward_fn, eos_ids=parts.eos_ids,
         key=jax.random.fold_in(jax.random.key(self.config.seed), iteration))
     info = {"train_reward": out.metrics["reward_mean"], "data_position": position,
             "kl": out.metrics.get("kl"), "zero_std_groups": out.metrics["zero_std_groups"],
@@ -121,6 +131,6 @@ class GrpoTrainer:
     return {"params": out.params, "opt_state": out.opt_state}, info
 
 
-def make_trainer(c: Components, config: ExperimentConfig) -> EsTrainer | GrpoTrainer:
+def make_trainer(parts: Components, config: ExperimentConfig) -> EsTrainer | GrpoTrainer:
   """The trainer of ``config.algorithm``."""
-  return EsTrainer(c, config) if config.algorithm == "es" else GrpoTrainer(c, config)
+  return EsTrainer(parts, config) if config.algorithm == "es" else GrpoTrainer(parts, config)

@@ -45,7 +45,7 @@ def short_run_overrides(checkpoint: pathlib.Path, data: pathlib.Path, hellaswag:
   return [f"model.checkpoint={checkpoint}", "model.dtype=float32", "task.target=gsm8k",
           f"task.train_source={data}", f"task.eval_source={data}", "task.num_train=4",
           "task.num_eval=3", "task.max_new_tokens=6", f"task.prior_source={hellaswag}",
-          "task.num_prior=2", "task.kl_prompts=2", "es.population=8", "es.member_chunk=8",
+          "task.num_prior=2", "task.kl_prompts=2", "es.population=8", "es.chunk_size=8",
           "es.sigma=0.2", "es.learning_rate=0.02", "prompt_batch=4", "eval_every=2", "checkpoint_every=2",
           "keep_checkpoints=2", "pop_devices=1"]
 

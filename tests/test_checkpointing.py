@@ -17,7 +17,7 @@ import optax
 import pytest
 
 import es_jax
-from experiments.checkpointing import CheckpointError, RunCheckpointer
+from experiments.checkpointing import RunCheckpointError, RunCheckpointer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FINGERPRINT = {"model": "tiny-qwen2", "population": 4, "rank": 1}
@@ -130,7 +130,7 @@ def test_saving_an_existing_or_older_step_is_refused_and_overwrites_nothing(tmp_
     checkpointer.save(5, small_state(), {})
     before = snapshot(tmp_path)
     for step in (5, 4):
-      with pytest.raises(CheckpointError, match="never overwritten"):
+      with pytest.raises(RunCheckpointError, match="never overwritten"):
         checkpointer.save(step, small_state(2.0), {})
     with pytest.raises(TypeError, match="meta must be JSON-able"):
       checkpointer.save(6, small_state(), {"when": object()})
@@ -179,7 +179,7 @@ def test_corrupt_latest_step_is_reported_and_nothing_is_touched(tmp_path, corrup
   before = snapshot(tmp_path)
 
   with RunCheckpointer(tmp_path, keep_last_n=3, fingerprint=FINGERPRINT) as checkpointer:
-    with pytest.raises(CheckpointError) as error:
+    with pytest.raises(RunCheckpointError) as error:
       checkpointer.restore(fresh_state())
     message = str(error.value)
     assert f"Checkpoint {tmp_path / '3'} is corrupt" in message
@@ -253,7 +253,7 @@ def test_fingerprint_mismatch_names_the_differing_keys(tmp_path):
   with RunCheckpointer(tmp_path, fingerprint=other) as checkpointer:
     for attempt in (lambda: checkpointer.restore(small_state()),
                     lambda: checkpointer.save(2, small_state(), {})):
-      with pytest.raises(CheckpointError) as error:
+      with pytest.raises(RunCheckpointError) as error:
         attempt()
       message = str(error.value)
       assert "population: checkpoint 4, this run 8" in message
@@ -266,18 +266,18 @@ def test_state_that_does_not_fit_names_the_leaf_path_and_both_shapes(tmp_path):
   with RunCheckpointer(tmp_path, fingerprint=FINGERPRINT) as checkpointer:
     checkpointer.save(1, small_state(), {})
     wider = {**small_state(), "w": jnp.zeros((2, 4))}
-    with pytest.raises(CheckpointError,
+    with pytest.raises(RunCheckpointError,
                        match=r"leaf w: checkpoint float32\[2, 3\], `like` float32\[2, 4\]"):
       checkpointer.restore(wider)
     full_precision = {**small_state(), "half": jnp.ones(4)}
-    with pytest.raises(CheckpointError,
+    with pytest.raises(RunCheckpointError,
                        match=r"leaf half: checkpoint bfloat16\[4\], `like` float32\[4\]"):
       checkpointer.restore(full_precision)
     renamed = {"v": small_state()["w"], "half": small_state()["half"], "rng": jax.random.key(0)}
-    with pytest.raises(CheckpointError, match="in `like` but not in the checkpoint: v.*"
+    with pytest.raises(RunCheckpointError, match="in `like` but not in the checkpoint: v.*"
                                               "in the checkpoint but not in `like`: w"):
       checkpointer.restore(renamed)
-    with pytest.raises(CheckpointError, match="No step 7 .* the steps there are \\[1\\]"):
+    with pytest.raises(RunCheckpointError, match="No step 7 .* the steps there are \\[1\\]"):
       checkpointer.restore(small_state(), step=7)
 
 

@@ -21,7 +21,7 @@ from experiment_fixtures import (digit_share_reward, make_tiny_checkpoint, short
                                  write_short_gsm8k, write_short_hellaswag)
 from experiments import components, rollouts
 from experiments import config as config_lib
-from experiments.checkpointing import CheckpointError, RunCheckpointer
+from experiments.checkpointing import RunCheckpointError, RunCheckpointer
 from experiments.config import ExperimentConfig, apply_overrides, preset
 from experiments.run import RunError, fingerprint, main, run
 from experiments.trainers import make_trainer
@@ -55,8 +55,8 @@ def without_time(records):
 
 
 def final_state(config: ExperimentConfig, run_dir: pathlib.Path):
-  c = components.build(config)
-  like = make_trainer(c, config).init(c.params0)
+  parts = components.build(config)
+  like = make_trainer(parts, config).init(parts.params0)
   with RunCheckpointer(run_dir / "checkpoints", fingerprint=fingerprint(config)) as checkpointer:
     state, _ = checkpointer.restore(like)
   return state
@@ -102,10 +102,22 @@ def test_overrides_parse_by_field_type_and_round_trip_through_json():
     ("es.population=1", "es.population=1 must be >= 2"),
     ("awd.kind=l3", "awd.kind='l3'"),
     ("es", "expected section.field=value"),
+    ("es.member_chunk=4", "member_chunk was renamed chunk_size"),
+    ("es.kl_beta=-0.1", r"es.kl_beta=-0.1 must be >= 0"),
 ])
 def test_bad_overrides_say_what_is_wrong(override, message):
   with pytest.raises(ValueError, match=message):
     apply_overrides(preset("countdown_es"), [override])
+
+
+def test_fields_added_later_stay_out_of_the_fingerprint_at_their_default():
+  # A run checkpointed before grpo.adv_eps and es.kl_beta were config fields still resumes;
+  # a changed one counts.
+  default = fingerprint(preset("countdown_es"))
+  assert "adv_eps" not in default["grpo"] and "kl_beta" not in default["es"]
+  assert "chunk_size" not in default["es"]
+  changed = fingerprint(apply_overrides(preset("countdown_es"), ["grpo.adv_eps=1e-3"]))
+  assert changed["grpo"]["adv_eps"] == 1e-3
 
 
 def test_l2_awd_needs_alpha_lambda_below_one():
@@ -206,7 +218,7 @@ def test_a_run_directory_is_never_overwritten(assets, tmp_path, monkeypatch):
   files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
   with pytest.raises(RunError, match="--resume"):
     run(config, out, progress=False)
-  with pytest.raises(CheckpointError, match="sigma"):
+  with pytest.raises(RunCheckpointError, match="sigma"):
     run(apply_overrides(config, ["es.sigma=0.1"]), out, resume=True, progress=False)
   assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
   # Extending a finished run is a resume with more iterations.
@@ -228,22 +240,20 @@ def test_main_job_sweep_shares_theta0_noise_and_baseline(assets, tmp_path, monke
   """The main job's wiring on the tiny checkpoint: plain ES and ES + AWD start from one
   iteration-0 evaluation, draw the same noise (so their first fitness vectors agree), and the
   sweep ends with one table row per run."""
-  from experiments import evaluate, run as run_lib
-  monkeypatch.setattr(rollouts, "score", digit_share_reward)
+  from experiments import evaluate, likelihood, run as run_lib
   calls = []
   snapshot = evaluate.snapshot
   monkeypatch.setattr(evaluate, "snapshot",
-                      lambda c, config, params, it, **kw: calls.append((config.name, it))
-                      or snapshot(c, config, params, it, **kw))
+                      lambda parts, config, params, it, **kw: calls.append((config.name, it))
+                      or snapshot(parts, config, params, it, **kw))
   fitness = {}
-  population_fitness = rollouts.population_fitness
+  answer_logprob = likelihood.population_answer_logprob
 
-  def recording(c, es_state, params, indices, **kw):
-    f = population_fitness(c, es_state, params, indices, **kw)
-    fitness.setdefault(len(fitness), f)
-    return f
+  def recording(*args, **kw):
+    fitness.setdefault(len(fitness), answer_logprob(*args, **kw))
+    return fitness[len(fitness) - 1]
 
-  monkeypatch.setattr(rollouts, "population_fitness", recording)
+  monkeypatch.setattr(likelihood, "population_answer_logprob", recording)
   overrides = [f"model.checkpoint={assets.checkpoint}", "task.num_train=4",
                "task.prompts_per_iteration=2", "task.num_eval=2", "task.num_prior=2",
                "task.kl_prompts=1", "es.population=4", "es.sigma=0.2", "iterations=2",
@@ -256,6 +266,7 @@ def test_main_job_sweep_shares_theta0_noise_and_baseline(assets, tmp_path, monke
   first = [records[0] for records in results.values()]
   assert first[0] == first[1] and len(first[0]["prior_correct"]) == 2  # the shipped subset
   np.testing.assert_array_equal(fitness[0], fitness[2])  # iteration 1 of each run: same noise
+  assert len(set(fitness[0])) == 4 and not np.array_equal(fitness[0], fitness[1])
   table = (tmp_path / "sweep" / "summary.md").read_text().splitlines()
   assert [line.split("|")[1].strip() for line in table[2:]] == ["smollm2_es", "smollm2_es_awd"]
 
@@ -268,25 +279,94 @@ def test_answer_logprob_fitness_is_each_members_gold_answer_likelihood(assets):
   from es_jax.models import logits_fn
   from experiments import likelihood
   config = apply_overrides(preset("smollm2_es"), [
-      f"model.checkpoint={assets.checkpoint}", "task.num_train=5", "task.prompts_per_iteration=3", "task.num_eval=1",
+      f"model.checkpoint={assets.checkpoint}", "task.num_train=5",
+      "task.prompts_per_iteration=3", "task.num_eval=1",
       "task.prior=none", "es.population=4", "es.sigma=0.3", "es.fitness=answer_logprob"])
-  c = components.build(config)
-  trainer = make_trainer(c, config)
-  state = trainer.init(c.params0)
+  parts = components.build(config)
+  trainer = make_trainer(parts, config)
+  state = trainer.init(parts.params0)
   indices = np.array([4, 0, 2])
   fitness = likelihood.population_answer_logprob(
-      c.model, state["opt_state"][0], c.params0, trainer.answers, indices, population=4,
-      member_chunk=3)
-  requests = [(c.target_task.build_prompt(c.train.examples[i]),
-               c.target_task.reference_completion(c.train.examples[i])) for i in indices]
-  assert requests[0][1] == f" {c.train.examples[4].answer}"
+      parts.model, state["opt_state"], parts.params0, trainer.answers, indices, population=4,
+      chunk_size=3)
+  requests = [(parts.target_task.build_prompt(parts.train.examples[i]),
+               parts.target_task.reference_completion(parts.train.examples[i])) for i in indices]
+  assert requests[0][1] == f" {parts.train.examples[4].answer}"
   for m in range(4):
-    member = es_jax.member_params(state["opt_state"][0], c.params0, m)
-    scores = score_continuations(functools.partial(logits_fn, c.model, member), c.tokenizer,
+    member = es_jax.member_params(state["opt_state"], parts.params0, m)
+    scores = score_continuations(functools.partial(logits_fn, parts.model, member), parts.tokenizer,
                                  requests)
     expected = np.mean([s.sum_logprob for s in scores])
     np.testing.assert_allclose(fitness[m], expected, rtol=1e-4, err_msg=f"member {m}")
   assert len(set(np.round(fitness, 6))) == 4  # the members differ: a dense signal
   with pytest.raises(ValueError, match="gold completion"):
-    likelihood.encode_answers(types.SimpleNamespace(name="countdown"), [], c.tokenizer,
+    likelihood.encode_answers(types.SimpleNamespace(name="countdown"), [], parts.tokenizer,
                               chat_template=False)
+
+
+# ----------------------------------------------------------------------------- KL penalty
+
+
+def _reference_member_kl(parts, config, state, member, indices):
+  """float64 NumPy: member ``member``'s mean per-token KL(member || base) on its own greedy
+  completions, from its materialised weights (es_jax.member_params) and the base logits."""
+  from es_jax.models import decode, logits_fn
+  weights = es_jax.member_params(state["opt_state"], state["params"], member)
+  total, count = 0.0, 0
+  for i in indices:
+    ids, mask = parts.train.input_ids[i:i + 1], parts.train.attention_mask[i:i + 1]
+    out = decode(parts.model, weights, ids, mask, max_new_tokens=config.task.max_new_tokens,
+                 eos_ids=parts.eos_ids)
+    n = int(out.lengths[0])
+    full = np.concatenate([ids, np.asarray(out.tokens)[:, :n]], axis=1)
+    full_mask = np.ones_like(full)
+    full_mask[:, :ids.shape[1]] = mask
+    t = ids.shape[1]
+    member_logits = np.asarray(logits_fn(parts.model, weights, full, full_mask), np.float64)
+    base_logits = np.asarray(logits_fn(parts.model, parts.params0, full, full_mask), np.float64)
+    for logits, base in zip(member_logits[0, t - 1:t - 1 + n], base_logits[0, t - 1:t - 1 + n]):
+      logp = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+      logq = base - base.max() - np.log(np.exp(base - base.max()).sum())
+      total += float(np.sum(np.exp(logp) * (logp - logq)))
+      count += 1
+  return total / count
+
+
+def test_kl_penalty_is_each_members_kl_to_the_base_on_its_own_completions(assets, monkeypatch):
+  """es.kl_beta: a member's KL matches float64 NumPy on its materialised weights, and the
+  update sees reward - beta * KL; the main job's noise (rank 1, antithetic); prompt_batch=3
+  over 4 prompts, so a filled batch's repeated rows must not count."""
+  monkeypatch.setattr(rollouts, "score", digit_share_reward)
+  config = short_config(assets, "es.kl_beta=0.5", "es.rank=1", "es.antithetic=true",
+                        "es.population=4", "es.chunk_size=4", "prompt_batch=3", "es.sigma=0.3")
+  parts = components.build(config)
+  trainer = make_trainer(parts, config)
+  state = trainer.init(parts.params0)
+  # One step first, so the members perturb theta_1 != theta_0 (the KL is to theta_0).
+  state, _ = trainer.step(state, 1)
+  seen = []
+  score_population = rollouts.score_population
+  monkeypatch.setattr(rollouts, "score_population",
+                      lambda *a, **kw: seen.append(score_population(*a, **kw)) or seen[-1])
+  indices, _ = components.prompt_indices(config, 2)
+  _, info = trainer.step(state, 2)
+  scores = seen[0]
+  for member in (0, 3):
+    expected = _reference_member_kl(parts, config, state, member, indices)
+    assert expected > 1e-4  # a real divergence, not a vacuous zero
+    np.testing.assert_allclose(scores.kl[member], expected, rtol=1e-5)  # measured: 3e-7
+  np.testing.assert_array_equal(
+      info["fitness"], np.asarray(scores.rewards - 0.5 * scores.kl, np.float32))
+  assert info["train_kl"] == pytest.approx(float(np.mean(scores.kl)))
+
+
+def test_kl_penalty_off_measures_nothing(assets, monkeypatch):
+  monkeypatch.setattr(rollouts, "score", digit_share_reward)
+  config = short_config(assets)
+  assert config.es.kl_beta == 0.0
+  called = []
+  monkeypatch.setattr(rollouts.policy_kl, "members_kl_sums", lambda *a: called.append(1))
+  parts = components.build(config)
+  trainer = make_trainer(parts, config)
+  _, info = trainer.step(trainer.init(parts.params0), 1)
+  assert not called and "train_kl" not in info

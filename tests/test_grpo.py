@@ -1,4 +1,4 @@
-"""GRPO baseline (experiments/grpo.py) against float64 numpy references and a learning toy task.
+"""GRPO baseline (experiments/grpo*.py) against float64 numpy references and a learning toy task.
 
 Every expected value is computed independently of the code under test: the
 objective and its pieces by a numpy float64 re-implementation of the
@@ -26,7 +26,7 @@ import pytest
 
 from es_jax.models import ModelConfig, Transformer, char_tokenizer, encode_prompts, init_params
 from es_jax.models import logits_fn
-from experiments import grpo
+from experiments import grpo, grpo_config, grpo_objective
 
 TOK = char_tokenizer()
 EOS = TOK.eos_token_id
@@ -38,7 +38,7 @@ MODEL = Transformer(ModelConfig(
     dtype=jnp.float32))
 jit_logits = jax.jit(functools.partial(logits_fn, MODEL))
 # Every argument traced (clip_eps and kl_beta too): one compiled program for all cases.
-jit_objective = jax.jit(grpo.grpo_objective)
+jit_objective = jax.jit(grpo_objective.grpo_objective)
 
 
 @functools.lru_cache(maxsize=None)
@@ -99,14 +99,14 @@ def test_group_advantages_match_numpy_float64_and_equal_groups_get_zero():
   rewards[2] = 0.7                       # all equal: no preference, zero advantage
   rewards[3] = [0, 0, 0, 0, 0, 0, 1.1]   # one success in the group
   for ddof in (0, 1):
-    got = np.asarray(grpo.group_advantages(rewards, eps=1e-4, ddof=ddof))
+    got = np.asarray(grpo_objective.group_advantages(rewards, eps=1e-4, ddof=ddof))
     np.testing.assert_allclose(got, np_advantages(rewards, 1e-4, ddof), rtol=1e-5, atol=1e-5)
-  got = np.asarray(grpo.group_advantages(rewards))
+  got = np.asarray(grpo_objective.group_advantages(rewards))
   assert np.all(got[2] == 0.0)
   # Population std by default: the lone success of 7 gets (1 - 1/7) / sqrt(6/49).
   assert got[3, 6] == pytest.approx((6 / 7) / np.sqrt(6 / 49), rel=1e-3)
   with pytest.raises(ValueError, match="prompts, group_size"):
-    grpo.group_advantages(rewards.reshape(-1))
+    grpo_objective.group_advantages(rewards.reshape(-1))
 
 
 def test_kl_k3_matches_numpy_is_nonnegative_and_zero_only_where_equal():
@@ -114,7 +114,8 @@ def test_kl_k3_matches_numpy_is_nonnegative_and_zero_only_where_equal():
   logp = -rng.exponential(2.0, size=(4, 9))
   ref = logp + rng.normal(scale=1.5, size=logp.shape)
   ref[0] = logp[0]
-  got = np.asarray(grpo.kl_k3(jnp.asarray(logp, jnp.float32), jnp.asarray(ref, jnp.float32)))
+  got = np.asarray(grpo_objective.kl_k3(jnp.asarray(logp, jnp.float32),
+                                        jnp.asarray(ref, jnp.float32)))
   np.testing.assert_allclose(got, np_k3(logp, ref), rtol=1e-4, atol=1e-6)
   assert np.all(got >= 0)
   assert np.all(got[0] == 0) and np.all(got[1:] > 0)
@@ -158,7 +159,7 @@ def test_gradient_at_ratio_one_is_advantage_over_completion_length():
   logp = np.where(mask > 0, logp, 0.0).astype(np.float32)
   b = logp.shape[0]
   # Old == current log-probs (ratio 1), no KL: d loss / d logp_it = -A_i / (B |o_i|).
-  grad = jax.jit(jax.grad(lambda lp: grpo.grpo_objective(lp, logp, ref, adv, mask,
+  grad = jax.jit(jax.grad(lambda lp: grpo_objective.grpo_objective(lp, logp, ref, adv, mask,
                                                          kl_beta=0.0)[0]))(logp)
   want = -adv[:, None] / (b * mask.sum(1, keepdims=True)) * mask
   np.testing.assert_allclose(np.asarray(grad), want, rtol=1e-5, atol=1e-8)
@@ -171,8 +172,8 @@ def test_gradient_vanishes_exactly_where_the_clip_is_active():
   logp = np.zeros((5, 1), np.float32)
   old = -np.log(ratios)[:, None]
   mask = np.ones((5, 1), np.float32)
-  grad = jax.jit(jax.grad(lambda lp: grpo.grpo_objective(lp, old, lp, adv, mask, clip_eps=0.2,
-                                                         kl_beta=0.0)[0]))(logp)
+  grad = jax.jit(jax.grad(lambda lp: grpo_objective.grpo_objective(
+      lp, old, lp, adv, mask, clip_eps=0.2, kl_beta=0.0)[0]))(logp)
   grad = np.asarray(grad)[:, 0]
   # Clip active (ratio beyond the range in the direction A pushes it): no gradient.
   assert grad[0] == 0 and grad[1] == 0
@@ -236,8 +237,8 @@ GROUP = 16
 @functools.lru_cache(maxsize=None)
 def toy_setup():
   ids, mask = encode_prompts(TOK, PROMPTS, pad_to_multiple=4)
-  config = grpo.GrpoConfig(group_size=GROUP, max_new_tokens=1, learning_rate=2e-2)
-  return ids, mask, config, config.make_update(MODEL)
+  config = grpo_config.GrpoConfig(group_size=GROUP, learning_rate=2e-2)
+  return ids, mask, config, grpo.make_update(config, MODEL)
 
 
 def exact_answer_distribution(params, ids, mask):
@@ -263,7 +264,7 @@ def test_grpo_learns_a_one_token_task_with_near_least_kl_to_the_reference():
   for i in range(12):
     previous = params
     out = grpo.grpo_iteration(MODEL, update, config, params, opt_state, ref_params, ids, mask,
-                              tokenizer=TOK, reward_fn=exact_reward,
+                              max_new_tokens=1, tokenizer=TOK, reward_fn=exact_reward,
                               key=jax.random.fold_in(key, i), eos_ids=(EOS,))
     params, opt_state = out.params, out.opt_state
     rewards.append(out.metrics["reward_mean"])
@@ -305,7 +306,8 @@ def test_second_inner_step_measures_the_ratio_to_the_sampling_policy():
   opt_state = config.optimizer().init(params)
   run = lambda steps: grpo.grpo_iteration(
       MODEL, update, dataclasses.replace(config, num_inner_steps=steps), params, opt_state,
-      params, ids, mask, tokenizer=TOK, reward_fn=exact_reward, key=key, eos_ids=(EOS,))
+      params, ids, mask, max_new_tokens=1, tokenizer=TOK, reward_fn=exact_reward, key=key,
+      eos_ids=(EOS,))
   one, two = run(1), run(2)
   assert one.metrics["ratio"] == 1.0 and one.completions == two.completions
   # Step 2 scores the same samples under the params after step 1 against those that drew
@@ -332,10 +334,10 @@ def test_micro_batches_take_the_same_step_as_the_whole_batch():
   def run(cfg, update):
     return grpo.grpo_iteration(
         MODEL, update, cfg, params, cfg.optimizer().init(params), ref_params, ids, mask,
-        tokenizer=TOK, reward_fn=exact_reward, key=key, eos_ids=(EOS,))
+        max_new_tokens=1, tokenizer=TOK, reward_fn=exact_reward, key=key, eos_ids=(EOS,))
 
   micro_config = dataclasses.replace(config, micro_batches=2)
-  micro_update = micro_config.make_update(MODEL)  # its optimizer accumulates (MultiSteps)
+  micro_update = grpo.make_update(micro_config, MODEL)  # its optimizer accumulates (MultiSteps)
   whole, micro = run(config, update), run(micro_config, micro_update)
   assert whole.completions == micro.completions
   assert 0 < whole.metrics["reward_mean"] < 1  # some groups carry signal
@@ -363,7 +365,7 @@ def test_micro_batches_take_the_same_step_as_the_whole_batch():
   with pytest.raises(ValueError, match="optax.MultiSteps"):
     grpo.grpo_iteration(
         MODEL, update, dataclasses.replace(config, micro_batches=2), params,
-        config.optimizer().init(params), ref_params, ids, mask, tokenizer=TOK,
+        config.optimizer().init(params), ref_params, ids, mask, max_new_tokens=1, tokenizer=TOK,
         reward_fn=exact_reward, key=key, eos_ids=(EOS,))
 
 
@@ -378,11 +380,16 @@ def test_non_finite_rewards_raise_and_name_the_completion():
 
   with pytest.raises(ValueError, match=r"non-finite reward.*completion 48 \(prompt 3\)"):
     grpo.grpo_iteration(MODEL, update, config, params, config.optimizer().init(params), params,
-                        ids, mask, tokenizer=TOK, reward_fn=broken, key=jax.random.key(0),
-                        eos_ids=(EOS,))
+                        ids, mask, max_new_tokens=1, tokenizer=TOK, reward_fn=broken,
+                        key=jax.random.key(0), eos_ids=(EOS,))
   with pytest.raises(ValueError, match="one reward per completion"):
     grpo.grpo_iteration(MODEL, update, config, params, config.optimizer().init(params), params,
-                        ids, mask, tokenizer=TOK, reward_fn=lambda t, i: np.zeros(3),
+                        ids, mask, max_new_tokens=1, tokenizer=TOK,
+                        reward_fn=lambda t, i: np.zeros(3), key=jax.random.key(0), eos_ids=(EOS,))
+  # The decode budget is the task's, passed beside the config (a bad one is named too).
+  with pytest.raises(ValueError, match="^max_new_tokens must be"):
+    grpo.grpo_iteration(MODEL, update, config, params, config.optimizer().init(params), params,
+                        ids, mask, max_new_tokens=0, tokenizer=TOK, reward_fn=broken,
                         key=jax.random.key(0), eos_ids=(EOS,))
 
 
@@ -392,14 +399,14 @@ def test_non_finite_rewards_raise_and_name_the_completion():
 @pytest.mark.parametrize("field,value", [
     ("group_size", 1), ("group_size", 2.5), ("clip_eps", 0.0), ("clip_eps", 1.0),
     ("kl_beta", -1e-3), ("kl_beta", float("nan")), ("learning_rate", 0.0),
-    ("temperature", 0.0), ("max_new_tokens", 0), ("num_inner_steps", 0),
+    ("temperature", 0.0), ("prompts_per_iteration", 0), ("num_inner_steps", 0),
     ("max_grad_norm", -1.0), ("adv_eps", 0.0), ("micro_batches", 0)])
 def test_bad_config_values_raise_naming_the_field(field, value):
   with pytest.raises(ValueError, match=f"^{field} must be"):
-    grpo.GrpoConfig(**{field: value})
+    grpo_config.GrpoConfig(**{field: value})
 
 
 def test_defaults_are_the_published_baseline():
-  config = grpo.GrpoConfig()
+  config = grpo_config.GrpoConfig()
   assert (config.group_size, config.clip_eps, config.kl_beta, config.num_inner_steps) == (
       30, 0.2, 1e-3, 1)

@@ -26,7 +26,7 @@ from experiment_fixtures import (digit_share_reward, make_tiny_checkpoint, short
                                  write_short_gsm8k, write_short_hellaswag)
 from experiments import components, rollouts
 from experiments import run as run_lib
-from experiments.checkpointing import CheckpointError, RunCheckpointer
+from experiments.checkpointing import RunCheckpointError, RunCheckpointer
 from experiments.config import apply_overrides, preset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -181,7 +181,7 @@ def test_an_edited_checkpoint_meta_is_refused(tmp_path, edit):
   meta_file.write_bytes(text.replace(*edit))
   with RunCheckpointer(tmp_path, fingerprint={"run": 1}) as checkpointer:
     for attempt in (lambda: checkpointer.restore(state), checkpointer.read_meta):
-      with pytest.raises(CheckpointError, match=r"12 is corrupt: its meta .* differs.*fall back "
+      with pytest.raises(RunCheckpointError, match=r"12 is corrupt: its meta .* differs.*fall back "
                                                 "to step 11"):
         attempt()
     assert checkpointer.restore(state, step=11)[1]["iteration"] == 11
@@ -350,7 +350,7 @@ def test_event_loop_is_closed_noise_is_silenced_after_a_failed_restore(tmp_path)
   the restore has failed and its error was reported; the runner's main silences them."""
   script = textwrap.dedent(f"""
       import pathlib, jax
-      from experiments.checkpointing import (CheckpointError, RunCheckpointer,
+      from experiments.checkpointing import (RunCheckpointError, RunCheckpointer,
                                              silence_closed_event_loop_noise)
       silence_closed_event_loop_noise()
       d = pathlib.Path({str(tmp_path)!r})
@@ -364,7 +364,7 @@ def test_event_loop_is_closed_noise_is_silenced_after_a_failed_restore(tmp_path)
         with RunCheckpointer(d, fingerprint={{}}) as c:
           try:
             c.restore(state)
-          except CheckpointError as error:
+          except RunCheckpointError as error:
             print("handled", str(error)[:40])
   """)
   result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,

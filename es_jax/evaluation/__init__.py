@@ -39,6 +39,7 @@ from es_jax.evaluation.drift import (
     flatten_with_paths,
     global_drift_norm,
     group_paths,
+    masked_kl_sum,
     mean_token_kl,
     per_token_kl,
 )
@@ -131,6 +132,7 @@ __all__ = [
     "group_paths",
     "gsm8k_reward",
     "loglik_predictions",
+    "masked_kl_sum",
     "mean_token_kl",
     "numbers_match",
     "parse_choice",

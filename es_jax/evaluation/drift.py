@@ -264,15 +264,29 @@ def mean_token_kl(logprobs: Any, ref_logprobs: Any, mask: Any) -> float:
                      f"{logp_shape} and {logq_shape}")
   if mask_shape != logp_shape[:2]:
     raise ValueError(f"mask has shape {mask_shape}; expected {logp_shape[:2]}")
-  total, count = _masked_kl_sum(logprobs, ref_logprobs, mask)
+  total, count = masked_kl_sum(logprobs, ref_logprobs, mask)
   if int(count) == 0:
     raise ValueError("mask selects no token; nothing to average")
   return float(total) / int(count)
 
 
 @jax.jit
-def _masked_kl_sum(logprobs: jax.Array, ref_logprobs: jax.Array,
-                   mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+def masked_kl_sum(logprobs: jax.Array, ref_logprobs: jax.Array,
+                  mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(sum of KL(pi || pi_ref) over the positions where mask is nonzero, their count)`` (jittable).
+
+  The parts of :func:`mean_token_kl`, for averaging over several batches (or
+  inside a jitted forward): ``sum(totals) / sum(counts)``. The sum is float32,
+  the count int32; a mask that selects nothing gives ``(0, 0)``.
+
+  Example:
+    >>> import numpy as np
+    >>> logp = np.log(np.array([[[0.5, 0.5], [0.5, 0.5]]]))
+    >>> logq = np.log(np.array([[[0.25, 0.75], [0.5, 0.5]]]))
+    >>> total, count = masked_kl_sum(logp, logq, np.array([[1, 1]]))
+    >>> round(float(total), 6), int(count)
+    (0.143841, 2)
+  """
   counted = jnp.asarray(mask) != 0
   kl = per_token_kl(logprobs, ref_logprobs)
   return jnp.sum(jnp.where(counted, kl, 0.0)), jnp.sum(counted, dtype=jnp.int32)

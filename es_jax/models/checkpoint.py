@@ -47,7 +47,8 @@ _MAX_LISTED = 20
 
 
 class CheckpointError(ValueError):
-  """A checkpoint is unreadable, inconsistent or does not match the config (names file and key)."""
+  """A model checkpoint (Hugging Face weights, config or GGUF file) is unreadable, inconsistent
+  or does not match its config (names file and key)."""
 
 
 def _listing(items, *, sep: str | None = None) -> str:
