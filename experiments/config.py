@@ -20,6 +20,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from es_jax import recipe
 from experiments.grpo_config import GrpoConfig
 from experiments.validation import check as _check
 from experiments.validation import check_finite as _check_finite
@@ -27,7 +28,9 @@ from experiments.validation import check_finite as _check_finite
 ALGORITHMS = ("es", "grpo")
 TARGETS = ("countdown", "gsm8k", "arithmetic")
 AWD_KINDS = ("none", "l2", "l1")
-SHAPINGS = ("z_score", "centered_rank", "identity")
+# The shapings an ES patch can name (one registry, es_jax.recipe's), except group_z_score,
+# whose group size the runner does not carry.
+SHAPINGS = tuple(name for name in recipe.SHAPINGS if name != "group_z_score")
 FITNESSES = ("reward", "answer_logprob")
 
 
@@ -380,7 +383,7 @@ SMOLLM2_ES = ExperimentConfig(
                   kl_prompts=16, max_new_tokens=6),
     es=EsSpec(population=8, sigma=1e-3, learning_rate=2e-3, rank=1, antithetic=True,
               fitness="answer_logprob"),
-    iterations=12, eval_every=4, checkpoint_every=4, keep_checkpoints=1, prompt_batch=64)
+    iterations=12, eval_every=4, checkpoint_every=12, keep_checkpoints=1, prompt_batch=64)
 SMOLLM2_AWD = _with(SMOLLM2_ES, "smollm2_es_awd", awd=dict(kind="l2", strength=50.0))
 SWEEPS["smollm2_forgetting"] = (SMOLLM2_ES, SMOLLM2_AWD)
 # GRPO on the main job's model and task (not in the sweep: see the README for its cost).
