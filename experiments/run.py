@@ -14,14 +14,15 @@ A run directory holds ``config.json``, ``metrics.jsonl`` (one record per
 accuracy, KL to the base model, update norm and sparsity, per group too,
 training reward (with ``es.kl_beta`` > 0 also ``train_kl``: the members' mean KL
 to the base model, the fitness penalty divided by beta), and ``wall_time_s``:
-seconds spent training so far, evaluation excluded, summed over resumptions), the plots ``forgetting.png``,
-``update_norm.png`` and ``sparsity.png``, ``checkpoints/`` (orbax; params,
-optimizer and ES state with its keys and counts, the AWD anchor, the data
-position, the metrics and the ES fitness vectors so far), and for ES
-``run.espatch``: the whole fine-tune as its fitness history, which
-``python -m es_jax.models.patch_cli apply`` (or ``es_jax.apply_patch``) turns
-back into the trained weights. Every run and sweep ends with a Markdown table
-of its first and last records (a sweep's is also written to ``summary.md``). Resuming restores the newest checkpoint and
+seconds spent training so far, evaluation excluded, summed over resumptions),
+the plots ``forgetting.png``, ``update_norm.png`` and ``sparsity.png``,
+``checkpoints/`` (orbax; params, optimizer and ES state with its keys and
+counts, the AWD anchor, the data position, the metrics and the ES fitness
+vectors so far), and for ES ``run.espatch``: the whole fine-tune as its
+fitness history, which ``python -m es_jax.models.patch_cli apply`` (or
+``es_jax.apply_patch``) turns back into the trained weights. Every run and
+sweep ends with a Markdown table of its first and last records (a sweep's is
+also written to ``summary.md``). Resuming restores the newest checkpoint and
 continues bit-identically: every random draw is a function of the seed and
 the iteration.
 
@@ -73,7 +74,8 @@ SCHEDULE_FIELDS = ("name", "iterations", "eval_every", "checkpoint_every", "keep
 
 # Fields added after runs were checkpointed, as (section, field): left out of the fingerprint
 # while at their default, so those runs still resume (their trajectory had the default).
-LATER_FIELDS = (("grpo", "adv_eps"), ("es", "kl_beta"))
+LATER_FIELDS = (("grpo", "adv_eps"), ("es", "kl_beta"), ("es", "fitness"), ("task", "shots"),
+                ("task", "prior_every"))
 
 
 def fingerprint(config: ExperimentConfig) -> dict[str, Any]:

@@ -115,9 +115,11 @@ def test_fields_added_later_stay_out_of_the_fingerprint_at_their_default():
   # a changed one counts.
   default = fingerprint(preset("countdown_es"))
   assert "adv_eps" not in default["grpo"] and "kl_beta" not in default["es"]
+  assert "fitness" not in default["es"] and not {"shots", "prior_every"} & set(default["task"])
   assert "chunk_size" not in default["es"]
   changed = fingerprint(apply_overrides(preset("countdown_es"), ["grpo.adv_eps=1e-3"]))
   assert changed["grpo"]["adv_eps"] == 1e-3
+  assert fingerprint(preset("smollm2_es"))["es"]["fitness"] == "answer_logprob"
 
 
 def test_l2_awd_needs_alpha_lambda_below_one():
