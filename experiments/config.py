@@ -169,6 +169,9 @@ class EsSpec:
     _check(self.rank is None or self.rank >= 1, f"es.rank={self.rank}: None (full) or >= 1")
     _check(self.shaping in SHAPINGS, f"es.shaping={self.shaping!r}: use one of {SHAPINGS}")
     _check(self.kl_beta >= 0, f"es.kl_beta={self.kl_beta} must be >= 0 (0 = no KL penalty)")
+    _check(self.kl_beta == 0 or self.fitness == "reward",
+           f"es.kl_beta={self.kl_beta} penalises the reward of decoded completions; with "
+           "es.fitness=answer_logprob nothing is decoded: set es.fitness=reward or es.kl_beta=0")
     _check(self.chunk_size is None or self.chunk_size >= 1,
            f"es.chunk_size={self.chunk_size} must be >= 1 or None")
 
@@ -201,6 +204,42 @@ class AwdSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class MitigationSpec:
+  """The forgetting paper's open checks, after the ES step (``es_jax.mitigations``).
+
+  The chain is ``es_step -> sgd -> sparsified_updates -> anchored_weight_decay ->
+  anchored_norm_cap``: the sparsification keeps the top entries of the ES step
+  itself, and the cap comes last so that ``||theta - theta_0|| <= norm_cap``
+  holds after every iteration.
+
+  Attributes:
+    sparsify_fraction: keep this fraction of each step's entries by magnitude
+      (0 = off).
+    sparsify_scope: ``per_tensor`` or ``global``.
+    sparsify_residual: ``drop`` the rest of the step or ``carry`` it to the next.
+    norm_cap: radius of the ball around theta_0 the weights are projected onto
+      (0 = off).
+    norm_cap_scope: ``global`` (one norm over all weights) or ``per_tensor``.
+  """
+  sparsify_fraction: float = 0.0
+  sparsify_scope: str = "per_tensor"
+  sparsify_residual: str = "drop"
+  norm_cap: float = 0.0
+  norm_cap_scope: str = "global"
+
+  def __post_init__(self):
+    _check_finite(self, "mitigation.")
+    _check(0 <= self.sparsify_fraction <= 1,
+           f"mitigation.sparsify_fraction={self.sparsify_fraction} must be in [0, 1] (0 = off)")
+    _check(self.norm_cap >= 0, f"mitigation.norm_cap={self.norm_cap} must be >= 0 (0 = off)")
+    for name, allowed in (("sparsify_scope", ("per_tensor", "global")),
+                          ("sparsify_residual", ("drop", "carry")),
+                          ("norm_cap_scope", ("global", "per_tensor"))):
+      _check(getattr(self, name) in allowed,
+             f"mitigation.{name}={getattr(self, name)!r}: use one of {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   """One run.
 
@@ -222,6 +261,7 @@ class ExperimentConfig:
   task: TaskSpec = TaskSpec()
   es: EsSpec = EsSpec()
   awd: AwdSpec = AwdSpec()
+  mitigation: MitigationSpec = MitigationSpec()
   grpo: GrpoConfig = GrpoConfig()
   iterations: int = 500
   eval_every: int = 25

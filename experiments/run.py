@@ -76,6 +76,7 @@ SCHEDULE_FIELDS = ("name", "iterations", "eval_every", "checkpoint_every", "keep
 # while at their default, so those runs still resume (their trajectory had the default).
 LATER_FIELDS = (("grpo", "adv_eps"), ("es", "kl_beta"), ("es", "fitness"), ("task", "shots"),
                 ("task", "prior_every"))
+LATER_SECTIONS = ("mitigation",)
 
 
 def fingerprint(config: ExperimentConfig) -> dict[str, Any]:
@@ -84,6 +85,9 @@ def fingerprint(config: ExperimentConfig) -> dict[str, Any]:
   for name in SCHEDULE_FIELDS:
     d.pop(name)
   d["es"].pop("chunk_size")
+  for section in LATER_SECTIONS:
+    if d[section] == dataclasses.asdict(type(getattr(config, section))()):
+      d.pop(section)
   for section, name in LATER_FIELDS:
     default = next(f.default for f in dataclasses.fields(getattr(config, section))
                    if f.name == name)

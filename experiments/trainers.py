@@ -35,15 +35,24 @@ def all_finite(params: PyTree) -> jax.Array:
 _all_finite = jax.jit(all_finite)
 
 def es_recipe(config: ExperimentConfig) -> es_jax.EsRecipe:
-  """ES direction (Qiu et al.'s estimator), ``sgd(alpha)``, then AWD as the published post-step
-  rule, as the recipe an ES patch of the run stores."""
-  es, awd = config.es, config.awd
-  post = () if awd.kind == "none" else (es_jax.AwdRecipe(awd.strength, kind=awd.kind),)
+  """ES direction (Qiu et al.'s estimator), ``sgd(alpha)``, then the mitigations and AWD (the
+  published post-step rule) in :class:`~experiments.config.MitigationSpec`'s order, as the
+  recipe an ES patch of the run stores."""
+  es, awd, mitigation = config.es, config.awd, config.mitigation
+  post = []
+  if mitigation.sparsify_fraction:
+    post.append(es_jax.SparsifyRecipe(mitigation.sparsify_fraction,
+                                      scope=mitigation.sparsify_scope,
+                                      residual=mitigation.sparsify_residual))
+  if awd.kind != "none":
+    post.append(es_jax.AwdRecipe(awd.strength, kind=awd.kind))
+  if mitigation.norm_cap:
+    post.append(es_jax.NormCapRecipe(mitigation.norm_cap, scope=mitigation.norm_cap_scope))
   return es_jax.EsRecipe(
       es_jax.EsStepRecipe(population=es.population, sigma=es.sigma, seed=config.seed,
                           rank=es.rank, antithetic=es.antithetic, shaping=es.shaping,
                           estimator="qiu", freeze=es.frozen),
-      es_jax.OptimizerRecipe("sgd", es.learning_rate), post)
+      es_jax.OptimizerRecipe("sgd", es.learning_rate), tuple(post))
 
 
 

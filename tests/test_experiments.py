@@ -116,6 +116,7 @@ def test_fields_added_later_stay_out_of_the_fingerprint_at_their_default():
   default = fingerprint(preset("countdown_es"))
   assert "adv_eps" not in default["grpo"] and "kl_beta" not in default["es"]
   assert "fitness" not in default["es"] and not {"shots", "prior_every"} & set(default["task"])
+  assert "mitigation" not in default
   assert "chunk_size" not in default["es"]
   changed = fingerprint(apply_overrides(preset("countdown_es"), ["grpo.adv_eps=1e-3"]))
   assert changed["grpo"]["adv_eps"] == 1e-3
@@ -372,3 +373,29 @@ def test_kl_penalty_off_measures_nothing(assets, monkeypatch):
   trainer = make_trainer(parts, config)
   _, info = trainer.step(trainer.init(parts.params0), 1)
   assert not called and "train_kl" not in info
+
+
+def test_mitigations_bound_the_drift_and_keep_the_top_fraction(assets, tmp_path, monkeypatch):
+  """mitigation.norm_cap: ||theta - theta_0|| <= R after every iteration (the projection is
+  binding here); mitigation.sparsify_fraction: one iteration changes at most round(f * n)
+  entries of each tensor (counted on the weights, not read from the transform)."""
+  monkeypatch.setattr(rollouts, "score", digit_share_reward)
+  plain = run(short_config(assets, "iterations=2", "eval_every=1"), tmp_path / "plain",
+              progress=False)
+  radius = plain[-1]["update_norm"] / 2
+  capped = run(short_config(assets, "iterations=2", "eval_every=1", f"mitigation.norm_cap={radius}"),
+               tmp_path / "capped", progress=False)
+  assert all(r["update_norm"] <= radius * (1 + 1e-5) for r in capped)
+  assert capped[-1]["update_norm"] == pytest.approx(radius, rel=1e-4)
+
+  config = short_config(assets, "iterations=1", "mitigation.sparsify_fraction=0.05")
+  run(config, tmp_path / "sparse", progress=False)
+  params0 = components.build(config).params0
+  final = final_state(config, tmp_path / "sparse")["params"]
+  for before, after in zip(jax.tree.leaves(params0), jax.tree.leaves(final)):
+    changed = int(np.sum(np.asarray(before) != np.asarray(after)))
+    assert changed <= max(1, round(0.05 * before.size)), (before.shape, changed)
+  with pytest.raises(ValueError, match="sparsify_fraction"):
+    apply_overrides(config, ["mitigation.sparsify_fraction=2"])
+  with pytest.raises(ValueError, match="es.fitness=reward"):
+    apply_overrides(preset("smollm2_es"), ["es.kl_beta=0.1"])
