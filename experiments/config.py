@@ -32,6 +32,7 @@ AWD_KINDS = ("none", "l2", "l1")
 # whose group size the runner does not carry.
 SHAPINGS = tuple(name for name in recipe.SHAPINGS if name != "group_z_score")
 FITNESSES = ("reward", "answer_logprob")
+PROMPT_CENTERINGS = ("none", "center", "normalize")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +145,12 @@ class EsSpec:
       it need not divide the population: the last chunk is smaller). It
       bounds memory: with full-rank noise each member holds a copy of the
       weights. None = all members with low-rank noise, 4 with full-rank noise.
+    prompt_centering: how the ``(members, prompts)`` reward matrix becomes
+      fitness before ``shaping``: ``none`` (each member's mean), ``center``
+      (each prompt's column centred on its mean over the members, then averaged:
+      eggroll-vllm's ``fitness_per_prompt``) or ``normalize`` (also divided by
+      the column's std: every prompt weighs the same). See
+      :func:`es_jax.per_prompt_centering`.
     fitness: ``reward`` (the papers': decode greedily, score with the task's
       reward) or ``answer_logprob`` (the mean log-probability of the gold
       completion, teacher-forced; tasks with a ``reference_completion`` only,
@@ -159,10 +166,13 @@ class EsSpec:
   kl_beta: float = 0.0
   chunk_size: int | None = None
   fitness: str = "reward"
+  prompt_centering: str = "none"
 
   def __post_init__(self):
     _check_finite(self, "es.")
     _check(self.fitness in FITNESSES, f"es.fitness={self.fitness!r}: use one of {FITNESSES}")
+    _check(self.prompt_centering in PROMPT_CENTERINGS,
+           f"es.prompt_centering={self.prompt_centering!r}: use one of {PROMPT_CENTERINGS}")
     _check(self.population >= 2, f"es.population={self.population} must be >= 2")
     _check(self.sigma > 0 and self.learning_rate > 0,
            f"es.sigma={self.sigma} and es.learning_rate={self.learning_rate} must be > 0")

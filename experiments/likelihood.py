@@ -1,6 +1,7 @@
 """ES fitness from the likelihood of the gold answer (``es.fitness=answer_logprob``).
 
-A member's fitness is the mean over the iteration's prompts of
+A member's fitness is the mean over the iteration's prompts (or another
+reduction of the ``(members, prompts)`` matrix, see ``es.prompt_centering``) of
 ``log p_member(gold completion | prompt)``, teacher-forced: one batched forward
 per member chunk, no decoding. It is a dense signal where the exact-answer
 reward of a few prompts is almost the same for every member (a 135M model's
@@ -75,13 +76,13 @@ def _chunk_logprob(model: Transformer, num_members: int, opt_state, params, firs
 
 def population_answer_logprob(model: Transformer, opt_state, params: PyTree, answers: AnswerSet,
                               indices, *, population: int, chunk_size: int) -> np.ndarray:
-  """Each member's mean gold-answer log-probability over ``answers[indices]``, shape ``(N,)``."""
+  """Each member's gold-answer log-probability on each of ``answers[indices]``, ``(N, P)``."""
   indices = np.asarray(indices)
   ids, mask, answer = (answers.input_ids[indices], answers.attention_mask[indices],
                        answers.answer_mask[indices])
-  fitness = np.empty(population)
+  by_prompt = np.empty((population, len(indices)))
   for first in range(0, population, chunk_size):
     n = min(chunk_size, population - first)
-    fitness[first:first + n] = np.asarray(
-        _chunk_logprob(model, n, opt_state, params, first, ids, mask, answer)).mean(axis=1)
-  return fitness
+    by_prompt[first:first + n] = np.asarray(
+        _chunk_logprob(model, n, opt_state, params, first, ids, mask, answer))
+  return by_prompt

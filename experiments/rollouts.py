@@ -59,12 +59,17 @@ class PopulationScores(NamedTuple):
   """What :func:`score_population` measured of each member.
 
   Attributes:
-    rewards: ``(N,)`` each member's mean reward over the iteration's prompts.
+    by_prompt: ``(N, P)`` each member's reward on each of the iteration's prompts.
     kl: ``(N,)`` each member's mean per-token ``KL(member || base)`` over its
       own completion tokens of those prompts (nats), or None when not measured.
   """
-  rewards: np.ndarray
+  by_prompt: np.ndarray
   kl: np.ndarray | None
+
+  @property
+  def rewards(self) -> np.ndarray:
+    """``(N,)`` each member's mean reward over the prompts."""
+    return self.by_prompt.mean(axis=1)
 
 
 def score_population(parts: Components, opt_state, params: PyTree, indices, *, population: int,
@@ -81,7 +86,7 @@ def score_population(parts: Components, opt_state, params: PyTree, indices, *, p
   and the base model's) after the decode; without ``kl_to_base`` nothing extra runs.
   """
   examples = [parts.train.examples[i] for i in indices]
-  rewards = np.empty(population)
+  by_prompt = np.empty((population, len(examples)))
   kl = np.empty(population) if kl_to_base else None
   for first in range(0, population, chunk_size):
     n = min(chunk_size, population - first)
@@ -103,7 +108,7 @@ def score_population(parts: Components, opt_state, params: PyTree, indices, *, p
         kl_sums += np.asarray(sums, np.float64)
         kl_counts += np.asarray(counts)
     for m in range(n):
-      rewards[first + m] = score(parts.target_task, examples, texts[m]).mean()
+      by_prompt[first + m] = score(parts.target_task, examples, texts[m])
     if kl_to_base:
       kl[first:first + n] = kl_sums / np.maximum(kl_counts, 1)
-  return PopulationScores(rewards, kl)
+  return PopulationScores(by_prompt, kl)

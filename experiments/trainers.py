@@ -84,10 +84,9 @@ class EsTrainer:
     config = self.config
     indices, position = components.prompt_indices(config, iteration)
     if self.answers is not None:
-      rewards = likelihood.population_answer_logprob(
+      scores = rollouts.PopulationScores(likelihood.population_answer_logprob(
           self.parts.model, state["opt_state"], state["params"], self.answers, indices,
-          population=config.es.population, chunk_size=config.es.effective_chunk_size)
-      scores = rollouts.PopulationScores(rewards, None)
+          population=config.es.population, chunk_size=config.es.effective_chunk_size), None)
     else:
       scores = rollouts.score_population(
           self.parts, state["opt_state"], state["params"], indices,
@@ -95,9 +94,13 @@ class EsTrainer:
           prompt_batch=config.prompt_batch, max_new_tokens=config.task.max_new_tokens,
           kl_to_base=config.es.kl_beta > 0)
     rewards = np.asarray(scores.rewards, np.float32)
-    fitness = rewards
+    fitness = scores.rewards
+    if config.es.prompt_centering != "none":
+      fitness = np.asarray(es_jax.per_prompt_centering(
+          scores.by_prompt, normalize=config.es.prompt_centering == "normalize"), np.float64)
     if scores.kl is not None:
-      fitness = np.asarray(scores.rewards - config.es.kl_beta * scores.kl, np.float32)
+      fitness = fitness - config.es.kl_beta * scores.kl
+    fitness = np.asarray(fitness, np.float32)
     # ``fitness`` is what the update sees, and the patch stores.
     params, opt_state, finite = self._apply(state["params"], state["opt_state"], fitness)
     info = {"fitness": fitness, "train_reward": float(np.nanmean(rewards)),

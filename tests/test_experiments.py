@@ -269,7 +269,7 @@ def test_main_job_sweep_shares_theta0_noise_and_baseline(assets, tmp_path, monke
   first = [records[0] for records in results.values()]
   assert first[0] == first[1] and len(first[0]["prior_correct"]) == 2  # the shipped subset
   np.testing.assert_array_equal(fitness[0], fitness[2])  # iteration 1 of each run: same noise
-  assert len(set(fitness[0])) == 4 and not np.array_equal(fitness[0], fitness[1])
+  assert len(set(fitness[0].mean(axis=1))) == 4 and not np.array_equal(fitness[0], fitness[1])
   table = (tmp_path / "sweep" / "summary.md").read_text().splitlines()
   assert [line.split("|")[1].strip() for line in table[2:]] == ["smollm2_es", "smollm2_es_awd"]
 
@@ -300,8 +300,9 @@ def test_answer_logprob_fitness_is_each_members_gold_answer_likelihood(assets):
     scores = score_continuations(functools.partial(logits_fn, parts.model, member), parts.tokenizer,
                                  requests)
     expected = np.mean([s.sum_logprob for s in scores])
-    np.testing.assert_allclose(fitness[m], expected, rtol=1e-4, err_msg=f"member {m}")
-  assert len(set(np.round(fitness, 6))) == 4  # the members differ: a dense signal
+    np.testing.assert_allclose(fitness[m].mean(), expected, rtol=1e-4, err_msg=f"member {m}")
+    np.testing.assert_allclose(fitness[m], [s.sum_logprob for s in scores], rtol=1e-4)
+  assert len(set(np.round(fitness.mean(axis=1), 6))) == 4  # the members differ: a dense signal
   with pytest.raises(ValueError, match="gold completion"):
     likelihood.encode_answers(types.SimpleNamespace(name="countdown"), [], parts.tokenizer,
                               chat_template=False)
@@ -399,3 +400,24 @@ def test_mitigations_bound_the_drift_and_keep_the_top_fraction(assets, tmp_path,
     apply_overrides(config, ["mitigation.sparsify_fraction=2"])
   with pytest.raises(ValueError, match="es.fitness=reward"):
     apply_overrides(preset("smollm2_es"), ["es.kl_beta=0.1"])
+
+
+@pytest.mark.parametrize("centering", ["center", "normalize"])
+def test_prompt_centering_feeds_each_prompts_centred_rewards(assets, monkeypatch, centering):
+  """es.prompt_centering against NumPy on the (members, prompts) matrix the step measured."""
+  monkeypatch.setattr(rollouts, "score", lambda task, examples, texts: np.array(
+      [sum(ch.isdigit() for ch in t) / max(len(t), 1) + 0.1 * k for k, t in enumerate(texts)]))
+  config = short_config(assets, f"es.prompt_centering={centering}")
+  parts = components.build(config)
+  trainer = make_trainer(parts, config)
+  seen = []
+  score_population = rollouts.score_population
+  monkeypatch.setattr(rollouts, "score_population",
+                      lambda *a, **kw: seen.append(score_population(*a, **kw)) or seen[-1])
+  _, info = trainer.step(trainer.init(parts.params0), 1)
+  matrix = seen[0].by_prompt
+  assert matrix.shape == (8, 4)
+  centred = matrix - matrix.mean(axis=0)
+  if centering == "normalize":
+    centred = centred / (matrix.std(axis=0) + 1e-8)
+  np.testing.assert_allclose(info["fitness"], centred.mean(axis=1), rtol=1e-5, atol=1e-6)
