@@ -27,12 +27,14 @@ from experiments.config import ExperimentConfig
 PyTree = Any
 State = dict[str, PyTree]
 
+
 def all_finite(params: PyTree) -> jax.Array:
   """Whether every element of every leaf is finite (one fused reduction; a traced bool)."""
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]))
 
 
 _all_finite = jax.jit(all_finite)
+
 
 def es_recipe(config: ExperimentConfig) -> es_jax.EsRecipe:
   """ES direction (Qiu et al.'s estimator), ``sgd(alpha)``, then the mitigations and AWD (the
@@ -55,9 +57,9 @@ def es_recipe(config: ExperimentConfig) -> es_jax.EsRecipe:
       es_jax.OptimizerRecipe("sgd", es.learning_rate), tuple(post))
 
 
-
 class EsTrainer:
-  """ES fine-tuning: decode every member on the iteration's prompts, score, step."""
+  """ES fine-tuning: score every member on the iteration's prompts (greedy decoding and the
+  task's reward, or the gold answer's likelihood), shape, step."""
 
   def __init__(self, parts: Components, config: ExperimentConfig):
     self.parts, self.config = parts, config
