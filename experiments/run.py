@@ -201,6 +201,10 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool,
       _check_resumable(checkpointer, latest, meta, config)
       start, records, wall = meta["iteration"], list(meta["metrics"]), meta["wall_time_s"]
       history = _history_from_meta(meta, start)
+      if history is None and config.algorithm == "es":
+        print(f"note: checkpoint {latest} of {out} holds no fitness history (written before the "
+              f"runner recorded it), so this run will end without {PATCH_NAME}; its weights are "
+              "in the checkpoints as before.", file=sys.stderr)
     # Every check has passed: only now is anything written.
     rundir.write_json(out / "config.json", rundir.mark(config.to_dict()))
     if checkpointer is None:
