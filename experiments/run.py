@@ -146,6 +146,7 @@ def baseline_key(config: ExperimentConfig) -> str:
   share one iteration-0 evaluation instead of repeating minutes of decoding.
   """
   d = config.to_dict()
+  d["task"].pop("prior_every")  # the first record always scores the prior task
   return json.dumps({k: d[k] for k in ("model", "task", "prompt_batch", "seed")}, sort_keys=True)
 
 

@@ -85,16 +85,20 @@ class EsTrainer:
   def step(self, state: State, iteration: int) -> tuple[State, dict[str, Any]]:
     config = self.config
     indices, position = components.prompt_indices(config, iteration)
-    if self.answers is not None:
-      scores = rollouts.PopulationScores(likelihood.population_answer_logprob(
-          self.parts.model, state["opt_state"], state["params"], self.answers, indices,
-          population=config.es.population, chunk_size=config.es.effective_chunk_size), None)
-    else:
+    kl_to_base = config.es.kl_beta > 0
+    if self.answers is None or kl_to_base:
+      # With the likelihood fitness the decode is run for the KL alone: it is measured on
+      # each member's own greedy completions either way.
       scores = rollouts.score_population(
           self.parts, state["opt_state"], state["params"], indices,
           population=config.es.population, chunk_size=config.es.effective_chunk_size,
           prompt_batch=config.prompt_batch, max_new_tokens=config.task.max_new_tokens,
-          kl_to_base=config.es.kl_beta > 0)
+          kl_to_base=kl_to_base)
+    if self.answers is not None:
+      scores = rollouts.PopulationScores(likelihood.population_answer_logprob(
+          self.parts.model, state["opt_state"], state["params"], self.answers, indices,
+          population=config.es.population, chunk_size=config.es.effective_chunk_size),
+          scores.kl if kl_to_base else None)
     rewards = np.asarray(scores.rewards, np.float32)
     fitness = scores.rewards
     if config.es.prompt_centering != "none":
