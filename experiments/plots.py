@@ -1,4 +1,5 @@
-"""PNG plots of a run's (or a sweep's) metrics: forgetting curves, drift norm, sparsity per group.
+"""PNG plots of a run's (or a sweep's) metrics: forgetting curves, drift norm, sparsity per
+group, and new task against prior task.
 
 Each function takes ``{run name: [metrics record, ...]}`` so that a single run
 and a sweep (one line per run) are drawn by the same code.
@@ -13,7 +14,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
-from experiments import rundir
+from experiments import rundir, summary
 
 Records = Mapping[str, Sequence[Mapping[str, Any]]]
 
@@ -53,6 +54,35 @@ def update_norm(runs: Records) -> Figure:
   return fig
 
 
+def pareto(runs: Records) -> Figure:
+  """New-task reward against prior-task accuracy: each run's path over its records with both
+  (small markers, from the shared start), its last such record large, with the paired SE of
+  the prior-task change since the first (the runs share their items, so the change, not
+  either accuracy, is what is compared). Up and right is better: learning without
+  forgetting."""
+  fig = Figure(figsize=(7, 5), layout="constrained")
+  ax = fig.subplots()
+  for name, records in runs.items():
+    scored = [r for r in records
+              if r.get("target_reward") is not None and r.get("prior_accuracy") is not None]
+    if not scored:
+      continue
+    x = [r["target_reward"] for r in scored]
+    y = [r["prior_accuracy"] for r in scored]
+    line, = ax.plot(x, y, marker="o", ms=3, alpha=0.5)
+    first, last = scored[0].get("prior_correct"), scored[-1].get("prior_correct")
+    se = (summary.paired_change(first, last)[1]
+          if first and last and len(first) == len(last) and len(scored) > 1 else None)
+    ax.errorbar(x[-1], y[-1], yerr=se, marker="o", ms=8, color=line.get_color(), capsize=3,
+                label=f"{name} (iteration {scored[-1]['iteration']})")
+  ax.set_xlabel("new-task reward (held out)")
+  ax.set_ylabel("prior-task accuracy (HellaSwag)")
+  ax.set_title("new task against prior task\n(error bar: paired SE of the prior-task change)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize="small")
+  return fig
+
+
 def sparsity_per_group(runs: Records) -> Figure:
   """Bars: each group's share of unchanged weights (|delta| <= 1e-6) at the last record."""
   fig = Figure(figsize=(7, 4), layout="constrained")
@@ -71,11 +101,11 @@ def sparsity_per_group(runs: Records) -> Figure:
 
 
 def write_plots(runs: Records, out: pathlib.Path) -> list[pathlib.Path]:
-  """``forgetting.png``, ``update_norm.png``, ``sparsity.png`` in ``out``."""
+  """``forgetting.png``, ``update_norm.png``, ``sparsity.png`` and ``pareto.png`` in ``out``."""
   out.mkdir(parents=True, exist_ok=True)
   paths = []
   for name, make in (("forgetting", forgetting_curves), ("update_norm", update_norm),
-                     ("sparsity", sparsity_per_group)):
+                     ("sparsity", sparsity_per_group), ("pareto", pareto)):
     path = out / f"{name}.png"
     # Atomic like metrics.jsonl: a full disk leaves the previous plot, not half of one.
     rundir.write_atomically(path, lambda f, make=make: make(runs).savefig(f, dpi=110, format="png"))

@@ -155,7 +155,7 @@ def test_countdown_es_runs_on_a_tiny_hf_checkpoint(assets, tmp_path):
     assert RECORD_KEYS <= set(r)
     assert 0 <= r["target_accuracy"] <= 1 and 0 <= r["prior_accuracy"] <= 1
     assert set(r["group_sparsity"]) >= {"q", "k", "v", "o", "mlp", "norm"}
-  for name in ("forgetting.png", "update_norm.png", "sparsity.png", "config.json"):
+  for name in ("forgetting.png", "update_norm.png", "sparsity.png", "pareto.png", "config.json"):
     assert (out / name).stat().st_size > 0
   assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [1, 2]
 
