@@ -335,6 +335,9 @@ def run(dtype: str | None = None, populations: tuple[int, ...] | None = None, *,
   log(f"[real] {' '.join(command[1:])} (fresh process) ...")
   env = dict(os.environ)
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  # The calling process has already taken its GPU memory pool (75% by default); the child
+  # allocates on demand from the rest instead of failing to take another 75%.
+  env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=env)
   return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 

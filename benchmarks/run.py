@@ -372,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="comma-separated subset of a,b,d,e,f (default: all; --quick: a,b,d,e)")
   parser.add_argument("--real-dtype", default=None, choices=("float32", "bfloat16"),
                       help="part f's compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+  parser.add_argument("--real-populations", default=None,
+                      help="part f's comma-separated N (default: 16 on CPU, 16,64 on GPU)")
   parser.add_argument("--sizes", default=None,
                       help="part a only: comma-separated indices of the grid's model sizes")
   args = parser.parse_args(argv)
@@ -399,7 +401,9 @@ def main(argv: list[str] | None = None) -> None:
   if "e" in parts:
     rows += compile_time.sweep(grid.compile_layers, log=common.log)
   if "f" in parts:
-    rows += real_model.run(args.real_dtype, max_repeats=grid.max_repeats,
+    populations = (None if args.real_populations is None
+                   else tuple(int(n) for n in args.real_populations.split(",")))
+    rows += real_model.run(args.real_dtype, populations, max_repeats=grid.max_repeats,
                            budget_s=grid.budget_s, log=common.log)
   results = dict(
       command=shlex.join(["python", "-m", "benchmarks.run", *(sys.argv[1:] if argv is None
