@@ -312,29 +312,39 @@ def markdown(results: dict[str, Any]) -> str:
       f"Load average (1/5/15 min) {fmt_load(load['before'])} before, "
       f"{fmt_load(load['after'])} after (this run's own load included); wall time "
       f"{results['wall_s'] / 60:.1f} min.")
+  has = lambda section: bool(report.select(rows, section=section))
   sections = [
       "# es_jax benchmarks", header,
       "## Targets", report.targets_table(report.targets(rows)) if report.targets(rows) else
       "No cell of this grid is one the targets are about (N >= 128; N = 512 on the largest model).",
-      report.explanations(rows),
-      f"## a. Population forward (T={grid['tokens']} prompt tokens per member; "
-      "reward = mean token log-prob)",
-      report.forward_table(rows),
-      f"Memory: `peak MB` = arguments + {results['memory_method']}. `XLA MB` is the compiled "
-      "program's buffer assignment; it leaves out scratch memory of the CPU matmul library "
-      "(which is why plain at large N measures above it), and for footprints of a few MB the "
-      "measured growth undercounts (freed heap memory is reused without growing the RSS). "
-      f"Budget for skipping: {common.human_bytes(results['memory_budget_bytes'])}.",
-      f"### Profile of the fast path at N={grid['profile_population']}",
-      report.profile_table(rows),
-      f"## b. ES iteration (generate {grid['task']['new_tokens']} tokens for "
-      f"{grid['task']['prompts']} prompts of {grid['task']['prompt_tokens']} tokens per member, "
-      "score, update)",
-      report.iteration_table(rows),
-      "## d. Anchored weight decay overhead", report.awd_table(rows),
-      f"## e. Compile time against depth (SmolLM2-135M shape, N={compile_time.POPULATION})",
-      compile_table(rows)]
-  if report.select(rows, section="real"):
+      report.explanations(rows)]
+  # Only the parts that ran (--parts): an empty table reads as a measurement of nothing.
+  if has("forward"):
+    sections += [
+        f"## a. Population forward (T={grid['tokens']} prompt tokens per member; "
+        "reward = mean token log-prob)",
+        report.forward_table(rows),
+        f"Memory: `peak MB` = arguments + {results['memory_method']}. `XLA MB` is the compiled "
+        "program's buffer assignment; it leaves out scratch memory of the CPU matmul library "
+        "(which is why plain at large N measures above it), and for footprints of a few MB the "
+        "measured growth undercounts (freed heap memory is reused without growing the RSS). "
+        f"Budget for skipping: {common.human_bytes(results['memory_budget_bytes'])}."]
+  if has("profile"):
+    sections += [f"### Profile of the fast path at N={grid['profile_population']}",
+                 report.profile_table(rows)]
+  if has("iteration"):
+    sections += [
+        f"## b. ES iteration (generate {grid['task']['new_tokens']} tokens for "
+        f"{grid['task']['prompts']} prompts of {grid['task']['prompt_tokens']} tokens per "
+        "member, score, update)",
+        report.iteration_table(rows)]
+  if has("awd"):
+    sections += ["## d. Anchored weight decay overhead", report.awd_table(rows)]
+  if has("compile"):
+    sections += [
+        f"## e. Compile time against depth (SmolLM2-135M shape, N={compile_time.POPULATION})",
+        compile_table(rows)]
+  if has("real"):
     sections += [
         f"## f. Real {real_model.MODEL_NAME} ({real_model.PROMPTS} prompts of "
         f"{real_model.PROMPT_TOKENS} tokens, {real_model.NEW_TOKENS} new tokens greedy per member)",
