@@ -20,33 +20,64 @@ from es_jax.models import Transformer, logits_fn
 PyTree = Any
 
 
-def _kl_sum(model: Transformer, params, noise, ref_params, input_ids, attention_mask, counted):
-  logp = jax.nn.log_softmax(logits_fn(model, params, input_ids, attention_mask, noise), axis=-1)
-  logp0 = jax.nn.log_softmax(logits_fn(model, ref_params, input_ids, attention_mask), axis=-1)
-  return masked_kl_sum(logp, logp0, counted)
+def _kl_sum(model: Transformer, params, noise, ref_params, input_ids, attention_mask, counted,
+            last: int):
+  # The vocabulary projection runs on the last ``last`` positions only (those that can be
+  # counted): at 49,152 tokens it costs more than the layers below it.
+  logits = functools.partial(logits_fn, model, input_ids=input_ids,
+                             attention_mask=attention_mask, last=last)
+  logp = jax.nn.log_softmax(logits(params, noise=noise), axis=-1)
+  logp0 = jax.nn.log_softmax(logits(ref_params), axis=-1)
+  return masked_kl_sum(logp, logp0, counted[..., -last:])
 
 
-@functools.partial(jax.jit, static_argnums=0)
+def counted_tail(counted) -> int:
+  """How many trailing positions hold every counted one (at least 1): the logits needed.
+
+  Example:
+    >>> counted_tail(np.array([[0, 1, 1, 0, 0], [0, 0, 1, 0, 0]], bool))
+    4
+  """
+  columns = np.flatnonzero(np.asarray(counted).reshape(-1, np.shape(counted)[-1]).any(axis=0))
+  return int(np.shape(counted)[-1] - columns[0]) if columns.size else 1
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _kl_sum_jit(model, params, ref_params, input_ids, attention_mask, counted, last):
+  return _kl_sum(model, params, None, ref_params, input_ids, attention_mask, counted, last)
+
+
 def kl_sum(model: Transformer, params: PyTree, ref_params: PyTree, input_ids, attention_mask,
            counted) -> tuple[jax.Array, jax.Array]:
-  """``(sum of KL(pi_params || pi_ref) over the counted positions, their count)``."""
-  return _kl_sum(model, params, None, ref_params, input_ids, attention_mask, counted)
+  """``(sum of KL(pi_params || pi_ref) over the counted positions, their count)``.
+
+  ``counted`` is a host array (its counted columns fix how many positions get logits).
+  """
+  return _kl_sum_jit(model, params, ref_params, input_ids, attention_mask, counted,
+                     counted_tail(counted))
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=(0, 7))
+def _members_kl_sums_jit(model, params, noise, ref_params, input_ids, attention_mask, counted,
+                         last):
+  def one(args):
+    member_noise, ids, mask, rows_counted = args
+    return _kl_sum(model, params, member_noise, ref_params, ids, mask, rows_counted, last)
+  return jax.lax.map(one, (noise, input_ids, attention_mask, counted))
+
+
 def members_kl_sums(model: Transformer, params: PyTree, noise: PyTree, ref_params: PyTree,
                     input_ids, attention_mask, counted) -> tuple[jax.Array, jax.Array]:
   """:func:`kl_sum` of each member ``theta + noise[m]`` on its own rows ``input_ids[m]``.
 
   ``noise`` stacks the members' perturbations on a leading axis (as
   ``decode_population`` takes them); ``input_ids``, ``attention_mask`` and
-  ``counted`` are ``(members, B, T)``. Members run one after another
-  (``lax.map``), so memory is one member's logits. Returns ``(members,)`` sums and counts.
+  ``counted`` (a host array) are ``(members, B, T)``. Members run one after
+  another (``lax.map``), so memory is one member's logits. Returns
+  ``(members,)`` sums and counts.
   """
-  def one(args):
-    member_noise, ids, mask, rows_counted = args
-    return _kl_sum(model, params, member_noise, ref_params, ids, mask, rows_counted)
-  return jax.lax.map(one, (noise, input_ids, attention_mask, counted))
+  return _members_kl_sums_jit(model, params, noise, ref_params, input_ids, attention_mask,
+                              counted, counted_tail(counted))
 
 
 def completion_rows(prompt_ids: np.ndarray, prompt_mask: np.ndarray, tokens: np.ndarray,

@@ -118,7 +118,7 @@ def _decode(model: Transformer, settings: DecodeSettings, population: bool, para
   def prefill(member_noise):
     cache = init_cache(model.config, b, num_slots)
     logits, cache = model.apply(variables(params, member_noise), input_ids_bt, prompt_pos_bt,
-                                kv_mask_bs, cache=cache, start=0, last_only=True)
+                                kv_mask_bs, cache=cache, start=0, last=1)
     return logits[:, 0], cache
 
   def step(member_noise, token_b, cache, i):

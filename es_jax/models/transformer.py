@@ -243,8 +243,9 @@ class Transformer(nn.Module):
   cache: without one, ``S == T`` and ``kv_mask_bs`` is the attention mask;
   with one, the call's keys are written at slots ``[start, start + T)`` and
   queries attend to every slot ``<= their own`` whose ``kv_mask_bs`` is set.
-  Returns ``(logits_btv float32, cache)``; ``last_only`` keeps only the last
-  position's logits (prefill). Most users want :func:`logits_fn` or
+  Returns ``(logits_btv float32, cache)``; ``last=k`` keeps only the last
+  ``k`` positions' logits (``1`` in a prefill), so the vocabulary projection,
+  the largest matmul of a small model, runs on those alone. Most users want :func:`logits_fn` or
   :mod:`es_jax.models.decoding` / :mod:`es_jax.models.generate` instead.
 
   Example:
@@ -272,7 +273,7 @@ class Transformer(nn.Module):
                            kernel_init=nn.initializers.normal(0.02))
 
   def __call__(self, input_ids_bt, positions_bt, kv_mask_bs, cache=None, start=0,
-               last_only: bool = False):
+               last: int | None = None):
     cfg = self.config
     t = input_ids_bt.shape[1]
     s = kv_mask_bs.shape[1]
@@ -292,8 +293,8 @@ class Transformer(nn.Module):
       x_btd, layer_cache = layer(x_btd, sin_bth, cos_bth, mask_bts,
                                  None if cache is None else cache[i], start)
       new_cache.append(layer_cache)
-    if last_only:
-      x_btd = x_btd[:, -1:]
+    if last is not None:
+      x_btd = x_btd[:, -last:]
     x_btd = self.final_norm(x_btd)
     if cfg.tie_word_embeddings:
       logits_btv = self.embed.decode(x_btd)
@@ -328,14 +329,16 @@ def variables(params: PyTree, noise: PyTree | None = None) -> dict[str, PyTree]:
 
 
 def logits_fn(model: Transformer, params: PyTree, input_ids: jax.Array,
-              attention_mask: jax.Array, noise: PyTree | None = None) -> jax.Array:
+              attention_mask: jax.Array, noise: PyTree | None = None, *,
+              last: int | None = None) -> jax.Array:
   """Next-token logits ``(B, T, V)`` float32 of a left- or right-padded batch (jittable).
 
   Position ``t`` predicts token ``t + 1``; positions are counted from the mask,
   so left and right padding give the same logits at real tokens. With
   ``noise`` (one member's tree from :func:`es_jax.member_noise`) the member's
   perturbation is applied without forming its weights; vmap over noise trees
-  for a population. ``functools.partial(logits_fn, model, params)`` is a
+  for a population. ``last=k`` (static) returns only the last ``k`` positions,
+  ``(B, k, V)``. ``functools.partial(logits_fn, model, params)`` is a
   ``LogitsFn`` for :mod:`es_jax.evaluation.loglik`.
 
   Under a mesh with explicit axes the model runs with those axes switched to
@@ -354,7 +357,7 @@ def logits_fn(model: Transformer, params: PyTree, input_ids: jax.Array,
   """
   def run(params, input_ids, attention_mask, noise):
     logits, _ = model.apply(variables(params, noise), input_ids,
-                            positions_from_mask(attention_mask), attention_mask)
+                            positions_from_mask(attention_mask), attention_mask, last=last)
     return logits
   return sharding.auto_sharded(run)(params, input_ids, attention_mask, noise)
 
