@@ -22,8 +22,8 @@ PyTree = Any
 
 def _kl_sum(model: Transformer, params, noise, ref_params, input_ids, attention_mask, counted,
             last: int):
-  # The vocabulary projection runs on the last ``last`` positions only (those that can be
-  # counted): at 49,152 tokens it costs more than the layers below it.
+  # The vocabulary projection runs on the last ``last`` positions only: the others are never
+  # counted, and their (B, T, V) log-softmax would be computed and thrown away.
   logits = functools.partial(logits_fn, model, input_ids=input_ids,
                              attention_mask=attention_mask, last=last)
   logp = jax.nn.log_softmax(logits(params, noise=noise), axis=-1)
