@@ -12,12 +12,16 @@ Programs, each ``jax.jit(fn).lower(...)`` then ``.compile()``, timed apart:
 * ``update``: ``tx.update(None, state, params, fitness=f)`` (the ES reduction
   and the sgd step).
 
-Each depth is compiled in a fresh process, so no in-memory jit cache is
-shared between rows, and the persistent compilation cache is off.
+Both param layouts are measured: ``unrolled`` (``layers_{i}/...``, one leaf
+per layer and weight) and ``scanned`` (``ModelConfig(scan_layers=True)``: one
+leaf per weight kind with a layer axis, ``es_step(scanned=config.scanned)``).
+
+Each depth and layout is compiled in a fresh process, so no in-memory jit
+cache is shared between rows, and the persistent compilation cache is off.
 
 Run alone (prints JSON rows)::
 
-  python -m benchmarks.compile_time --layers 2,8,30
+  python -m benchmarks.compile_time --layers 2,8,30 --layouts unrolled,scanned
 """
 
 from __future__ import annotations
@@ -41,23 +45,26 @@ from es_jax.models.transformer import Transformer, init_params
 
 POPULATION = 16
 LAYERS = (2, 8, 30)
+LAYOUTS = ("unrolled", "scanned")
 
 
-def smollm2_config(num_layers: int) -> ModelConfig:
+def smollm2_config(num_layers: int, scan_layers: bool = False) -> ModelConfig:
   """HuggingFaceTB/SmolLM2-135M's shapes (from its config.json) at ``num_layers`` layers."""
   return ModelConfig(
       family="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
       num_layers=num_layers, num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=1e5,
-      rms_norm_eps=1e-5, tie_word_embeddings=True, qkv_bias=False, dtype=jnp.float32)
+      rms_norm_eps=1e-5, tie_word_embeddings=True, qkv_bias=False, dtype=jnp.float32,
+      scan_layers=scan_layers)
 
 
-def measure(num_layers: int) -> dict[str, Any]:
-  """Lower and compile seconds of the noise and update programs at one depth."""
-  model = Transformer(smollm2_config(num_layers))
+def measure(num_layers: int, layout: str = "unrolled") -> dict[str, Any]:
+  """Lower and compile seconds of the noise and update programs at one depth and layout."""
+  config = smollm2_config(num_layers, scan_layers=layout == "scanned")
+  model = Transformer(config)
   params = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
   tx = optax.chain(
       es_jax.es_step(None, population=POPULATION, sigma=1e-3, rank=1, freeze=("embed",),
-                     key=jax.random.key(0)),
+                     scanned=config.scanned, key=jax.random.key(0)),
       optax.sgd(1e-3))
   state = jax.eval_shape(tx.init, params)
   fitness = jax.ShapeDtypeStruct((POPULATION,), jnp.float32)
@@ -70,7 +77,7 @@ def measure(num_layers: int) -> dict[str, Any]:
     return tx.update(None, state, params, fitness=fitness)
 
   row: dict[str, Any] = dict(section="compile", method="noise and update programs", status="ok",
-                             model="SmolLM2-135M shape", layers=num_layers,
+                             model="SmolLM2-135M shape", layers=num_layers, layout=layout,
                              leaves=len(jax.tree.leaves(params)),
                              params=sum(x.size for x in jax.tree.leaves(params)),
                              population=POPULATION)
@@ -89,25 +96,32 @@ def measure(num_layers: int) -> dict[str, Any]:
   return row
 
 
-def sweep(layers=LAYERS, python: str = sys.executable, env: dict | None = None,
+def sweep(layers=LAYERS, layouts=LAYOUTS, python: str = sys.executable, env: dict | None = None,
           log=lambda message: None) -> list[dict[str, Any]]:
-  """:func:`measure` at each depth, each in a fresh process (no shared jit caches)."""
+  """:func:`measure` at each depth and layout, each in a fresh process (no shared jit caches)."""
   rows = []
-  for num_layers in layers:
-    log(f"[compile] {num_layers} layers ...")
-    out = subprocess.run(
-        [python, "-m", "benchmarks.compile_time", "--layers", str(num_layers)],
-        check=True, capture_output=True, text=True, env=env)
-    rows += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+  for layout in layouts:
+    for num_layers in layers:
+      log(f"[compile] {num_layers} layers, {layout} ...")
+      out = subprocess.run(
+          [python, "-m", "benchmarks.compile_time", "--layers", str(num_layers),
+           "--layouts", layout], check=True, capture_output=True, text=True, env=env)
+      rows += [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
   return rows
 
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--layers", default=",".join(map(str, LAYERS)))
+  parser.add_argument("--layouts", default=",".join(LAYOUTS),
+                      help="param layouts: unrolled (layers_{i}) and/or scanned (nn.scan)")
   args = parser.parse_args(argv)
-  for num_layers in (int(x) for x in args.layers.split(",")):
-    print(json.dumps(measure(num_layers)), flush=True)
+  layouts = args.layouts.split(",")
+  if set(layouts) - set(LAYOUTS):
+    parser.error(f"--layouts takes {', '.join(LAYOUTS)}, got {args.layouts!r}")
+  for layout in layouts:
+    for num_layers in (int(x) for x in args.layers.split(",")):
+      print(json.dumps(measure(num_layers, layout)), flush=True)
 
 
 if __name__ == "__main__":

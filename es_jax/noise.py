@@ -23,6 +23,9 @@ Conventions (documented once here, used everywhere):
     ``(d_in, *features)`` as in :class:`es_jax.Dense`.
   * Vectors (and scalars) get full-rank noise by default or are frozen.
   * Leaves whose '/'-joined path matches a ``freeze`` regex get no noise.
+  * Scanned leaves (path matches a ``scanned`` regex) stack layers along their
+    first axis, as ``nn.scan`` stores them: slice ``x[l]`` is perturbed like
+    an unstacked leaf of shape ``x.shape[1:]``, by its own draw.
   * Drawing (the static layout): the perturbed leaves are grouped by kind and
     shape (:func:`layout`); a group holds its leaves in tree-flatten order.
     Pair ``k`` of generation ``g`` draws each group with ONE call,
@@ -30,11 +33,14 @@ Conventions (documented once here, used everywhere):
     ``tag`` is the crc32 of the group's name (e.g. ``'lowrank:576x1536'``)
     and ``shape`` is ``(G, m + n, r)`` for a low-rank group of ``G`` leaves
     (leaf ``j`` takes ``A = z[j, :m]``, ``B = z[j, m:]``) or ``(G, *shape)``
-    for a full-rank group. So a leaf's noise depends on the key, the
+    for a full-rank group (a scanned leaf's ``L`` slices count as ``L``
+    consecutive leaves). So a leaf's noise depends on the key, the
     generation, its pair and its place in its group (which leaves share its
     kind and shape), never on how members are chunked or sharded or on the
-    device count; and the number of random draws (hence compile time) does
-    not grow with depth: a 30-layer decoder has as many groups as a 2-layer one.
+    device count; and the number of random draws does not grow with depth: a
+    30-layer decoder has as many groups as a 2-layer one. With scanned layers
+    the number of noise and update arrays does not grow either, and with it
+    the compile time of the ES programs (one XLA:CPU kernel per array).
 """
 
 from __future__ import annotations
@@ -88,8 +94,10 @@ class LowRank(NamedTuple):
   """One member's low-rank perturbation of a kernel: ``scale * a @ b.T``.
 
   ``a`` has shape ``(m, r)``, ``b`` ``(n, r)`` with ``n`` the product of the
-  kernel's trailing axes; ``scale`` is ``sign * sigma / sqrt(r)``. Under a vmap
-  over members every field gains a leading population axis.
+  kernel's trailing axes; ``scale`` is ``sign * sigma / sqrt(r)``. A scanned
+  leaf's factors have a leading layer axis, ``(L, m, r)``, ``(L, n, r)`` and
+  ``(L,)``, which ``nn.scan`` slices. Under a vmap over members every field
+  gains a leading population axis.
   """
 
   a: jax.Array
@@ -111,6 +119,9 @@ class NoiseSpec:
       ``"frozen"``.
     freeze: regexes; a leaf whose '/'-joined path matches any of them (with
       ``re.search``) is not perturbed, e.g. ``("embed", "norm")``.
+    scanned: regexes of leaves that stack layers along their first axis
+      (``nn.scan``), e.g. ``("^layers/",)``; each layer's slice is perturbed
+      as an unstacked leaf. ``ModelConfig.scanned`` gives a model's.
   """
 
   population: int
@@ -119,6 +130,7 @@ class NoiseSpec:
   antithetic: bool = True
   vector_noise: Literal["full", "frozen"] = "full"
   freeze: tuple[str, ...] = ()
+  scanned: tuple[str, ...] = ()
 
   def __post_init__(self):
     # NumPy / JAX scalars are welcome but stored as Python numbers: the spec is
@@ -147,8 +159,14 @@ class NoiseSpec:
       set_("rank", _checks.integer("rank (or None for full-rank noise)", self.rank, minimum=1))
     if self.vector_noise not in ("full", "frozen"):
       raise ValueError(f"vector_noise must be 'full' or 'frozen', got {self.vector_noise!r}.")
-    for pattern in self.freeze:
-      re.compile(pattern)
+    for name in ("freeze", "scanned"):
+      patterns = getattr(self, name)
+      patterns = (patterns,) if isinstance(patterns, str) else patterns
+      if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"{name} must be a tuple of regex strings, got {patterns!r}.")
+      for pattern in patterns:
+        re.compile(pattern)
+      set_(name, tuple(patterns))
 
   @property
   def num_pairs(self) -> int:
@@ -172,10 +190,27 @@ def path_str(path) -> str:
   return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
+def is_scanned(spec: NoiseSpec, path: str) -> bool:
+  """Whether the leaf at ``path`` stacks layers (matches a ``spec.scanned`` regex)."""
+  return any(re.search(p, path) for p in spec.scanned)
+
+
+def slice_shape(spec: NoiseSpec, path: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape one draw of a leaf perturbs: a layer's, ``shape[1:]``, if scanned, else ``shape``."""
+  if not is_scanned(spec, path):
+    return tuple(shape)
+  if not shape:
+    raise ValueError(f"leaf '{path}' matches scanned={spec.scanned} but is a scalar, and a "
+                     "scanned leaf stacks its layers along its first axis; fix the regexes.")
+  return tuple(shape[1:])
+
+
 def leaf_kind(spec: NoiseSpec, path: str, shape: tuple[int, ...]) -> LeafKind:
-  """How a leaf is perturbed; raises if ``spec.rank`` is too large for it."""
+  """How a leaf (a layer's slice, if scanned) is perturbed; raises if ``spec.rank`` is too large."""
   if any(re.search(p, path) for p in spec.freeze):
     return "frozen"
+  if is_scanned(spec, path):
+    path, shape = f"{path}[layer]", slice_shape(spec, path, shape)
   if len(shape) < 2:
     return "full" if spec.vector_noise == "full" else "frozen"
   if spec.rank is None:
@@ -234,15 +269,29 @@ class Group(NamedTuple):
 
   Attributes:
     kind: ``"lowrank"`` or ``"full"``.
-    shape: the shape of each of its leaves.
+    shape: the shape of each of its leaves (of each layer's slice, for a scanned leaf).
     leaves: the leaves' positions in tree-flatten order.
     paths: their '/'-joined paths, in the same order.
+    layers: per leaf, its number of stacked layers if scanned, else ``None``.
   """
 
   kind: LeafKind
   shape: tuple[int, ...]
   leaves: tuple[int, ...]
   paths: tuple[str, ...]
+  layers: tuple[int | None, ...]
+
+  @property
+  def size(self) -> int:
+    """How many draws the group stacks: one per unscanned leaf, one per layer of a scanned one."""
+    return sum(1 if n is None else n for n in self.layers)
+
+  def slots(self):
+    """``(leaf index, slice of the group's stack)`` per leaf; an unscanned leaf's slice is an int."""
+    start = 0
+    for index, n in zip(self.leaves, self.layers):
+      yield index, (start if n is None else slice(start, start + n))
+      start += 1 if n is None else n
 
   @property
   def name(self) -> str:
@@ -257,14 +306,14 @@ class Group(NamedTuple):
     """Shape of one pair's normals: ``(G, m + n, r)`` (rows of A then of B) or ``(G, *shape)``."""
     if self.kind == "lowrank":
       m, n = matrix_shape(self.shape)
-      return (len(self.leaves), m + n, rank)
-    return (len(self.leaves), *self.shape)
+      return (self.size, m + n, rank)
+    return (self.size, *self.shape)
 
   def sum_shape(self) -> tuple[int, ...]:
     """Shape of the group's stacked weighted sum: ``(G, m, n)`` or ``(G, *shape)``."""
     if self.kind == "lowrank":
-      return (len(self.leaves), *matrix_shape(self.shape))
-    return (len(self.leaves), *self.shape)
+      return (self.size, *matrix_shape(self.shape))
+    return (self.size, *self.shape)
 
 
 class Layout(NamedTuple):
@@ -289,13 +338,14 @@ def layout(spec: NoiseSpec, params: PyTree) -> Layout:
     [('lowrank:3x4', ('a', 'c')), ('full:4', ('b',))]
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-  members: dict[tuple[str, tuple[int, ...]], list[tuple[int, str]]] = {}
+  members: dict[tuple[str, tuple[int, ...]], list[tuple[int, str, int | None]]] = {}
   for index, (path, x) in enumerate(leaves):
     path, shape = path_str(path), tuple(x.shape)
     kind = leaf_kind(spec, path, shape)
     if kind != "frozen":
-      members.setdefault((kind, shape), []).append((index, path))
-  groups = tuple(Group(kind, shape, tuple(i for i, _ in group), tuple(p for _, p in group))
+      layers = shape[0] if is_scanned(spec, path) else None
+      members.setdefault((kind, slice_shape(spec, path, shape)), []).append((index, path, layers))
+  groups = tuple(Group(kind, shape, *(tuple(column) for column in zip(*group)))
                  for (kind, shape), group in members.items())
   tags = [g.tag for g in groups]
   if len(set(tags)) != len(tags):  # Two names with one crc32: never seen, but never silent.
@@ -313,7 +363,7 @@ def num_perturbed(spec: NoiseSpec, params: PyTree) -> int:
     >>> num_perturbed(spec, {"w": jnp.zeros((3, 4)), "b": jnp.zeros(4), "emb": jnp.zeros((9, 3))})
     16
   """
-  return sum(len(g.leaves) * math.prod(g.shape) for g in layout(spec, params).groups)
+  return sum(g.size * math.prod(g.shape) for g in layout(spec, params).groups)
 
 
 def normals_per_draw(spec: NoiseSpec, params: PyTree) -> int:
@@ -386,11 +436,14 @@ def member_noise(spec: NoiseSpec, key, generation, params: PyTree, member) -> Py
       z = jax.lax.optimization_barrier(z)
       m, _ = matrix_shape(group.shape)
       lowrank_scale = scale / math.sqrt(spec.rank)
-      for j, index in enumerate(group.leaves):
-        noise[index] = LowRank(z[j, :m], z[j, m:], lowrank_scale)
+      for index, at in group.slots():
+        # A scanned leaf's scale gets its layer axis too: nn.scan slices every field.
+        leaf_scale = lowrank_scale if isinstance(at, int) else jnp.full(
+            (at.stop - at.start,), lowrank_scale)
+        noise[index] = LowRank(z[at, :m], z[at, m:], leaf_scale)
     else:
-      for j, index in enumerate(group.leaves):
-        noise[index] = z[j] * scale
+      for index, at in group.slots():
+        noise[index] = z[at] * scale
   return jax.tree_util.tree_unflatten(tree_layout.treedef, noise)
 
 
@@ -409,8 +462,9 @@ def materialize(noise, shape, dtype=jnp.float32) -> jax.Array:
   """Dense array of one leaf's noise (zeros for a frozen leaf)."""
   if noise is None:
     return jnp.zeros(shape, dtype)
-  if isinstance(noise, LowRank):
-    return (noise.scale * noise.a @ noise.b.T).reshape(shape).astype(dtype)
+  if isinstance(noise, LowRank):  # (L, m, r) factors of a scanned leaf give (L, m, n)
+    dense = jnp.einsum("...mr,...nr->...mn", noise.a, noise.b)
+    return (jnp.asarray(noise.scale)[..., None, None] * dense).reshape(shape).astype(dtype)
   return noise.astype(dtype)
 
 
@@ -468,9 +522,9 @@ def weighted_sum(spec: NoiseSpec, key, generation, params: PyTree, pair_weights:
       totals.update(zip((g.name for g in groups), sums))
   out = [jnp.zeros(x.shape, x.dtype) for x in leaves]
   for group in tree_layout.groups:
-    for j, index in enumerate(group.leaves):
+    for index, at in group.slots():
       x = leaves[index]
-      out[index] = totals[group.name][j].reshape(x.shape).astype(x.dtype)
+      out[index] = totals[group.name][at].reshape(x.shape).astype(x.dtype)
   return jax.tree_util.tree_unflatten(tree_layout.treedef, out)
 
 

@@ -93,6 +93,7 @@ class EsStepRecipe:
   on_failure: Literal["exclude", "worst"] = "exclude"
   vector_noise: Literal["full", "frozen"] = "full"
   freeze: tuple[str, ...] = ()
+  scanned: tuple[str, ...] = ()
   chunk_size: int | None = None
   population_axis: str = sharding.POP_AXIS
 
@@ -101,10 +102,12 @@ class EsStepRecipe:
                    optional_ints=("rank", "group_size", "chunk_size"), floats=("sigma",),
                    bools=("antithetic",),
                    strs=("shaping", "estimator", "on_failure", "vector_noise", "population_axis"))
-    freeze = (self.freeze,) if isinstance(self.freeze, str) else self.freeze
-    if not isinstance(freeze, (tuple, list)) or not all(isinstance(p, str) for p in freeze):
-      raise TypeError(f"EsStepRecipe.freeze must be a list of regex strings, got {self.freeze!r}.")
-    object.__setattr__(self, "freeze", tuple(freeze))
+    for name in ("freeze", "scanned"):
+      patterns = getattr(self, name)
+      patterns = (patterns,) if isinstance(patterns, str) else patterns
+      if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"EsStepRecipe.{name} must be a list of regex strings, got {patterns!r}.")
+      object.__setattr__(self, name, tuple(patterns))
     if self.shaping not in SHAPINGS:
       raise ValueError(f"EsStepRecipe.shaping must be one of {sorted(SHAPINGS)}, got "
                        f"{self.shaping!r}.")
@@ -125,7 +128,7 @@ class EsStepRecipe:
                       key=jax.random.key(self.seed), rank=self.rank, antithetic=self.antithetic,
                       fitness_shaping=self.fitness_shaping(), estimator=self.estimator,
                       on_failure=self.on_failure, vector_noise=self.vector_noise,
-                      freeze=self.freeze, chunk_size=self.chunk_size,
+                      freeze=self.freeze, scanned=self.scanned, chunk_size=self.chunk_size,
                       population_axis=self.population_axis)
 
 
@@ -272,10 +275,17 @@ class EsRecipe:
   def to_dict(self) -> dict[str, Any]:
     return {
         "version": RECIPE_VERSION,
-        "es": {**dataclasses.asdict(self.es), "freeze": list(self.es.freeze)},
+        "es": self._es_dict(),
         "optimizer": dataclasses.asdict(self.optimizer),
         "post": [{"transform": p.transform, **dataclasses.asdict(p)} for p in self.post],
     }
+
+  def _es_dict(self) -> dict[str, Any]:
+    es = {**dataclasses.asdict(self.es), "freeze": list(self.es.freeze),
+          "scanned": list(self.es.scanned)}
+    if not es["scanned"]:  # written only when used, so that older recipes keep their fingerprint
+      del es["scanned"]
+    return es
 
   @classmethod
   def from_dict(cls, data: Any) -> EsRecipe:

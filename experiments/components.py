@@ -155,7 +155,8 @@ def build(config: ExperimentConfig) -> Components:
     prior_examples = tuple(prior_task.load(prior_source(config), limit=config.task.num_prior))
   check_sizes(config, train, held_out, prior_examples)
   model, params = load_model(config.model.checkpoint, dtype=jnp.dtype(config.model.dtype),
-                             param_dtype=jnp.dtype(config.model.param_dtype))
+                             param_dtype=jnp.dtype(config.model.param_dtype),
+                             scan_layers=config.model.scan_layers)
   tokenizer = load_tokenizer(config.model.checkpoint)
   chat = config.model.chat_template
   return Components(model, params, tokenizer, target, encode(target, train, tokenizer, chat),

@@ -45,14 +45,22 @@ class ModelSpec:
     param_dtype: dtype of the trained weights. ES steps are ~1e-4 per weight,
       below bfloat16's resolution at typical weight sizes: keep ``float32``.
     chat_template: wrap prompts in the tokenizer's chat template.
+    scan_layers: stack the layers and run them with ``nn.scan``
+      (``es_jax.models.ModelConfig.scan_layers``): compile time that does not
+      grow with depth. The ES noise then differs (it depends on the params'
+      layout), so a run does not reproduce the unrolled model's numbers.
   """
   checkpoint: str = "Qwen/Qwen2.5-0.5B-Instruct"
   dtype: str = "bfloat16"
   param_dtype: str = "float32"
   chat_template: bool = True
+  scan_layers: bool = False
 
   def __post_init__(self):
     _check_finite(self, "model.")
+    for name in ("chat_template", "scan_layers"):
+      _check(isinstance(getattr(self, name), bool),
+             f"model.{name}={getattr(self, name)!r}: use true or false")
     for name in ("dtype", "param_dtype"):
       _check(getattr(self, name) in ("float32", "bfloat16", "float16"),
              f"model.{name}={getattr(self, name)!r}: use float32, bfloat16 or float16")

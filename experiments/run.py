@@ -75,7 +75,8 @@ SCHEDULE_FIELDS = ("name", "iterations", "eval_every", "checkpoint_every", "keep
 # Fields added after runs were checkpointed, as (section, field): left out of the fingerprint
 # while at their default, so those runs still resume (their trajectory had the default).
 LATER_FIELDS = (("grpo", "adv_eps"), ("es", "kl_beta"), ("es", "fitness"),
-                ("es", "prompt_centering"), ("task", "shots"), ("task", "prior_every"))
+                ("es", "prompt_centering"), ("task", "shots"), ("task", "prior_every"),
+                ("model", "scan_layers"))
 LATER_SECTIONS = ("mitigation",)
 
 

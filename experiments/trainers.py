@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 import es_jax
+from es_jax.models import SCANNED_LAYERS
 from experiments import components, grpo, likelihood, rollouts
 from experiments.components import Components
 from experiments.config import ExperimentConfig
@@ -53,7 +54,8 @@ def es_recipe(config: ExperimentConfig) -> es_jax.EsRecipe:
   return es_jax.EsRecipe(
       es_jax.EsStepRecipe(population=es.population, sigma=es.sigma, seed=config.seed,
                           rank=es.rank, antithetic=es.antithetic, shaping=es.shaping,
-                          estimator="qiu", freeze=es.frozen),
+                          estimator="qiu", freeze=es.frozen,
+                          scanned=SCANNED_LAYERS if config.model.scan_layers else ()),
       es_jax.OptimizerRecipe("sgd", es.learning_rate), tuple(post))
 
 

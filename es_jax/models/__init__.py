@@ -31,6 +31,7 @@ from es_jax.models.checkpoint import save_pretrained
 from es_jax.models.checkpoint import validate_checkpoint
 from es_jax.models.config import PRESETS
 from es_jax.models.config import ModelConfig
+from es_jax.models.config import SCANNED_LAYERS
 from es_jax.models.config import RopeScaling
 from es_jax.models.decoding import DecodeOutput
 from es_jax.models.decoding import DecodeSettings
@@ -54,7 +55,9 @@ from es_jax.models.transformer import Transformer
 from es_jax.models.transformer import init_cache
 from es_jax.models.transformer import init_params
 from es_jax.models.transformer import logits_fn
+from es_jax.models.transformer import stack_layers
 from es_jax.models.transformer import token_logprobs
+from es_jax.models.transformer import unstack_layers
 
 __all__ = [
     "CheckpointError",
@@ -67,6 +70,7 @@ __all__ = [
     "PARTITION_RULES",
     "PRESETS",
     "RopeScaling",
+    "SCANNED_LAYERS",
     "TensorMapping",
     "Transformer",
     "auto_sharded",
@@ -90,6 +94,8 @@ __all__ = [
     "sample_token",
     "save_pretrained",
     "shard_params",
+    "stack_layers",
     "token_logprobs",
+    "unstack_layers",
     "validate_checkpoint",
 ]

@@ -34,7 +34,7 @@ from safetensors.numpy import save_file
 
 from es_jax.models import sharding
 from es_jax.models.config import ModelConfig
-from es_jax.models.transformer import Transformer
+from es_jax.models.transformer import Transformer, stack_layers
 
 PyTree = Any
 SINGLE_FILE = "model.safetensors"
@@ -363,7 +363,19 @@ def load_params(path: str | os.PathLike, config: ModelConfig, *, dtype: Any = No
         del tensor
         place_tensor(params, m, host, mesh=mesh, axis_size=size)
         del host  # the device copy is the only one kept
-  return params
+  return in_layout(config, params, mesh)
+
+
+def in_layout(config: ModelConfig, params: PyTree, mesh: jax.sharding.Mesh | None) -> PyTree:
+  """Unrolled params as loaded, in ``config``'s layout: stacked (and resharded) if scanned.
+
+  Stacking copies the layers once, so loading a scanned model briefly holds its
+  layers twice.
+  """
+  if not config.scan_layers:
+    return params
+  params = stack_layers(params)
+  return params if mesh is None else sharding.shard_params(params, mesh)
 
 
 def load_config(path: str | os.PathLike, **changes) -> ModelConfig:
@@ -407,7 +419,8 @@ def _id_list(value: Any) -> list[int] | None:
 
 def load_model(name_or_path: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
                param_dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None,
-               revision: str | None = None) -> tuple[Transformer, PyTree]:
+               revision: str | None = None,
+               scan_layers: bool = False) -> tuple[Transformer, PyTree]:
   """``(model, params)`` from a local directory or a hub id (downloaded through the HF cache).
 
   Args:
@@ -417,6 +430,8 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
     param_dtype: param dtype (float32 default: the ES master copy).
     mesh: shard the params over this mesh's ``'model'`` axis while loading.
     revision: hub revision.
+    scan_layers: stack the layers for ``nn.scan`` (:class:`ModelConfig`):
+      compile time that does not grow with depth.
 
   Example::
 
@@ -425,20 +440,44 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
   """
   from es_jax.models import gguf  # imports this module: a top-level import would be circular
   if gguf.is_gguf(name_or_path):
-    return gguf.load_model(name_or_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+    return gguf.load_model(name_or_path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                           scan_layers=scan_layers)
   path = resolve_checkpoint(name_or_path, revision=revision)
-  config = load_config(path, dtype=dtype, param_dtype=param_dtype)
+  config = load_config(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
   return Transformer(config), load_params(path, config, mesh=mesh)
 
 
-def _leaf(params: PyTree, path: tuple[str, ...]):
+def _leaf(params: PyTree, path: tuple[str, ...], config: ModelConfig):
+  """The param at an unrolled ``path``: a layer's slice of the stacked leaf, if scanned."""
+  layer = re.fullmatch(r"layers_(\d+)", path[0]) if config.scan_layers else None
+  if layer:
+    path = ("layers", *path[1:])
   node = params
   for i, part in enumerate(path):
     if part not in node:
       raise CheckpointError(f"params have no '{'/'.join(path[:i + 1])}'; were they built "
-                            "for this config?")
+                            f"for this config (scan_layers={config.scan_layers})?")
     node = node[part]
-  return node
+  return node if layer is None else _LayerSlice(node, int(layer.group(1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerSlice:
+  """Layer ``index`` of a stacked leaf, fetched only when written (no device copy of all layers)."""
+
+  stacked: Any
+  index: int
+
+  @property
+  def shape(self):
+    return self.stacked.shape[1:]
+
+  @property
+  def dtype(self):
+    return self.stacked.dtype
+
+  def __array__(self, dtype=None, copy=None):
+    return np.asarray(jax.device_get(self.stacked[self.index]), dtype)
 
 
 def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: PyTree, *,
@@ -469,7 +508,7 @@ def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: PyTree
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   mapping = list(param_mapping(config).values())
-  leaves = {m.hf_key: _leaf(params, m.path) for m in mapping}
+  leaves = {m.hf_key: _leaf(params, m.path, config) for m in mapping}
   for m in mapping:
     if tuple(leaves[m.hf_key].shape) != m.shape:
       raise CheckpointError(f"param {'/'.join(m.path)} has shape {leaves[m.hf_key].shape}, "
@@ -492,7 +531,7 @@ def save_pretrained(path: str | os.PathLike, config: ModelConfig, params: PyTree
     tensors = {}
     for m in shard:
       leaf = leaves[m.hf_key]
-      tensors[m.hf_key] = m.to_hf(np.asarray(jax.device_get(leaf)).astype(out_dtype(leaf)))
+      tensors[m.hf_key] = m.to_hf(np.asarray(leaf).astype(out_dtype(leaf)))
       weight_map[m.hf_key] = name
       total += tensors[m.hf_key].nbytes
     save_file(tensors, str(path / name), metadata={"format": "pt"})

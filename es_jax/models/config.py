@@ -21,6 +21,7 @@ import numbers
 from typing import Any, Literal, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 
 Family = Literal["qwen2", "llama"]
 _ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
@@ -44,6 +45,10 @@ class RopeScaling:
 
 LLAMA_3_2_ROPE_SCALING = RopeScaling(
     factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+
+# The params of a scanned model that stack layers: everything under 'layers/'.
+SCANNED_LAYERS = ("^layers/",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +76,11 @@ class ModelConfig:
       on any of ``eos_token_ids`` by default.
     dtype: computation dtype (activations, matmuls, KV cache).
     param_dtype: parameter dtype (float32 = the ES master copy).
+    scan_layers: stack the decoder blocks' params along a leading layer axis
+      (``layers/...``, shape ``(L, ...)``) and run them with ``nn.scan``, so
+      that compile time does not grow with depth. Pass :attr:`scanned` to
+      ``es_step(scanned=...)``; the default, unrolled ``layers_{i}/...``, keeps
+      the trees (and the ES noise) of earlier runs.
 
   Example:
     >>> cfg = ModelConfig.preset("Qwen/Qwen2.5-0.5B-Instruct")
@@ -99,6 +109,7 @@ class ModelConfig:
   pad_token_id: int | None = None
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
+  scan_layers: bool = False
 
   def __post_init__(self):
     # Normalise so that equal configs hash equally (jnp.bfloat16 vs "bfloat16").
@@ -115,11 +126,24 @@ class ModelConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    if not isinstance(self.scan_layers, (bool, np.bool_)):
+      raise TypeError(f"scan_layers must be a bool, got {self.scan_layers!r}.")
+    object.__setattr__(self, "scan_layers", bool(self.scan_layers))
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}.")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} must be a multiple of "
                        f"num_kv_heads={self.num_kv_heads} (grouped-query attention).")
+
+  @property
+  def scanned(self) -> tuple[str, ...]:
+    """Regexes of the params that stack layers, for ``es_step(scanned=...)``.
+
+    Example:
+      >>> ModelConfig.preset("qwen2.5-0.5b-instruct", scan_layers=True).scanned
+      ('^layers/',)
+    """
+    return SCANNED_LAYERS if self.scan_layers else ()
 
   @property
   def num_groups(self) -> int:

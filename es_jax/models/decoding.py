@@ -28,7 +28,7 @@ import numpy as np
 
 from es_jax import sharding as pop_sharding
 from es_jax.models import sharding
-from es_jax.models.transformer import (Transformer, init_cache, positions_from_mask,
+from es_jax.models.transformer import (Transformer, cast_matrices, init_cache, positions_from_mask,
                                        variables)
 
 PyTree = Any
@@ -108,7 +108,7 @@ def _decode(model: Transformer, settings: DecodeSettings, population: bool, para
   # Cast float32 master matrices once per call, not once per step: the loop then streams
   # compute-dtype weights. Vectors (norm scales, biases) stay float32 so their dense
   # noise is added at full precision.
-  params = jax.tree.map(lambda p: p.astype(dtype) if p.ndim >= 2 else p, params)
+  params = cast_matrices(model.config, params, dtype)
   mask_bt = mask_bt.astype(jnp.int32)
   prompt_pos_bt = positions_from_mask(mask_bt)
   next_pos_b = jnp.sum(mask_bt, axis=-1)  # position of the first generated token

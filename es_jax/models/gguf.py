@@ -40,7 +40,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import PreTrainedTokenizerFast
 
 from es_jax.models import sharding
-from es_jax.models.checkpoint import CheckpointError, mismatch_lines, param_mapping, place_tensor
+from es_jax.models.checkpoint import (CheckpointError, in_layout, mismatch_lines, param_mapping,
+                                      place_tensor)
 from es_jax.models.config import ModelConfig
 from es_jax.models.transformer import Transformer
 
@@ -346,7 +347,7 @@ def _read_params(reader: gguf.GGUFReader, config: ModelConfig, dtype: Any,
     host = m.to_flax(_hf_array(tensor, config)).astype(dtype)
     place_tensor(params, m, host, mesh=mesh, axis_size=size)
     del host  # the device copy is the only one kept
-  return params
+  return in_layout(config, params, mesh)
 
 
 def load_params(name_or_path: str | os.PathLike, config: ModelConfig, *, dtype: Any = None,
@@ -367,8 +368,8 @@ def load_params(name_or_path: str | os.PathLike, config: ModelConfig, *, dtype: 
 
 
 def load_model(name_or_path: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
-               param_dtype: Any = jnp.float32,
-               mesh: jax.sharding.Mesh | None = None) -> tuple[Transformer, PyTree]:
+               param_dtype: Any = jnp.float32, mesh: jax.sharding.Mesh | None = None,
+               scan_layers: bool = False) -> tuple[Transformer, PyTree]:
   """``(model, params)`` from a llama GGUF file or a packaged short name.
 
   The params are the dequantised weights in ``param_dtype`` (float32: the ES
@@ -379,13 +380,15 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
     dtype: computation dtype (bfloat16 default; float32 for exact comparisons).
     param_dtype: param dtype.
     mesh: shard the params over this mesh's ``'model'`` axis while loading.
+    scan_layers: stack the layers for ``nn.scan`` (:class:`ModelConfig`).
 
   Example::
 
     model, params = load_model("smollm2-135m-instruct", dtype=jnp.float32)
   """
   reader = read_gguf(name_or_path)
-  config = ModelConfig.from_hf_config(hf_config(reader), dtype=dtype, param_dtype=param_dtype)
+  config = ModelConfig.from_hf_config(hf_config(reader), dtype=dtype, param_dtype=param_dtype,
+                                      scan_layers=scan_layers)
   return Transformer(config), _read_params(reader, config, None, mesh)
 
 

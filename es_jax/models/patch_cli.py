@@ -49,7 +49,9 @@ def apply(base: str, patch_path: str, out: str, *, dtype: str | None = None) -> 
     raise patch_lib.PatchError(f"the patch's base mixes param dtypes {sorted(dtypes)}; apply it "
                                "with es_jax.patch.apply_patch on params loaded by hand.")
   start = time.perf_counter()
-  model, params = checkpoint.load_model(base, dtype=jnp.float32, param_dtype=dtypes.pop())
+  # A run on a scanned model records its noise's scanned regexes, and its base is stacked.
+  model, params = checkpoint.load_model(base, dtype=jnp.float32, param_dtype=dtypes.pop(),
+                                        scan_layers=bool(patch.recipe.es.scanned))
   loaded = time.perf_counter()
   params = jax.block_until_ready(patch_lib.apply_patch(patch, params))
   replayed = time.perf_counter()

@@ -65,9 +65,13 @@ def spec_for(path: str, shape: tuple[int, ...], *, model_axis: str = MODEL_AXIS,
     P(None, 'model')
     >>> spec_for("layers_0/attn/k/kernel", (28, 6), axis_size=4)
     P(None, None)
+    >>> spec_for("layers/attn/q/kernel", (30, 28, 48), axis_size=4)  # scanned: (L, D, N*H)
+    P(None, None, 'model')
   """
   for pattern, axes in PARTITION_RULES:
-    if re.search(pattern, path) and len(axes) == len(shape):
+    if re.search(pattern, path) and len(shape) - len(axes) in (0, 1):
+      # One more axis than the rule: a scanned leaf's leading layer axis, kept whole.
+      axes = (None,) * (len(shape) - len(axes)) + axes
       axes = tuple(model_axis if a == MODEL_AXIS else a for a in axes)
       if axis_size is not None:
         axes = tuple(a if a is None or dim % axis_size == 0 else None

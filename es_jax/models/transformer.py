@@ -12,9 +12,10 @@ Axis letters in names and einsums:
   N query heads, K key/value heads, G query heads per KV head, H head dim,
   F MLP width, V vocabulary.
 
-Param tree (``layers`` are unrolled, not stacked: the noise axis rule treats a
-leaf's first axis as matrix rows, so a stacked ``(L, D, ...)`` kernel would be
-perturbed as one matrix)::
+Param tree (unrolled layers, the default; with ``scan_layers`` the blocks are one
+``layers/...`` subtree whose leaves stack the layers along a new first axis,
+``layers/attn/q/kernel`` ``(L, D, N*H)``, run by ``nn.scan``, see
+:func:`stack_layers`)::
 
   embed/embedding                (V, D)
   layers_{i}/attn_norm/scale     (D,)
@@ -36,6 +37,7 @@ low-rank perturbation of the table raises a ``TypeError``.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -43,9 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from es_jax.layers import Dense, add_noise, param_noise
+from es_jax.layers import PERTURBATION, Dense, add_noise, param_noise
 from es_jax.models.config import ModelConfig
 from es_jax.models import sharding
+from es_jax import noise as noise_lib
 from es_jax.noise import LowRank
 
 PyTree = Any
@@ -55,22 +58,30 @@ _MASKED = -1e30
 
 
 class KVCache(NamedTuple):
-  """One layer's cache: ``k_bskh`` and ``v_bskh``, shape (B, S, K, H), in the compute dtype."""
+  """One layer's cache: ``k_bskh`` and ``v_bskh``, shape (B, S, K, H), in the compute dtype.
+
+  With ``scan_layers`` one cache holds every layer, with a leading layer axis.
+  """
 
   k_bskh: jax.Array
   v_bskh: jax.Array
 
 
-def init_cache(config: ModelConfig, batch: int, length: int) -> tuple[KVCache, ...]:
-  """Zeroed KV caches for every layer.
+def init_cache(config: ModelConfig, batch: int, length: int) -> tuple[KVCache, ...] | KVCache:
+  """Zeroed KV caches: one per layer, or one stacked over layers with ``scan_layers``.
 
   Example:
     >>> from es_jax.models.config import ModelConfig
     >>> cfg = ModelConfig.preset("qwen2.5-0.5b-instruct")
     >>> init_cache(cfg, batch=2, length=8)[0].k_bskh.shape
     (2, 8, 2, 64)
+    >>> init_cache(cfg.replace(scan_layers=True), batch=2, length=8).k_bskh.shape
+    (24, 2, 8, 2, 64)
   """
   shape = (batch, length, config.num_kv_heads, config.head_dim)
+  if config.scan_layers:
+    shape = (config.num_layers, *shape)
+    return KVCache(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype))
   return tuple(KVCache(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype))
                for _ in range(config.num_layers))
 
@@ -266,7 +277,15 @@ class Transformer(nn.Module):
   def setup(self):
     cfg = self.config
     self.embed = Embedder(cfg.vocab_size, cfg.hidden_size, cfg.dtype, cfg.param_dtype)
-    self.layers = [Block(cfg) for _ in range(cfg.num_layers)]
+    if cfg.scan_layers:
+      # Params and perturbations are sliced per layer; the cache is scanned too (in_axes 0)
+      # and comes back stacked; rope angles, mask and start are the same for every layer.
+      self.layers = nn.scan(
+          Block, variable_axes={"params": 0, PERTURBATION: 0}, split_rngs={"params": True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+          length=cfg.num_layers)(cfg)
+    else:
+      self.layers = [Block(cfg) for _ in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
     if not cfg.tie_word_embeddings:
       self.lm_head = Dense(cfg.vocab_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
@@ -277,8 +296,10 @@ class Transformer(nn.Module):
     cfg = self.config
     t = input_ids_bt.shape[1]
     s = kv_mask_bs.shape[1]
-    if cache is not None and cache[0].k_bskh.shape[1] != s:
-      raise ValueError(f"kv_mask_bs has {s} slots but the cache has {cache[0].k_bskh.shape[1]}.")
+    if cache is not None:
+      slots = (cache if cfg.scan_layers else cache[0]).k_bskh.shape[-3]
+      if slots != s:
+        raise ValueError(f"kv_mask_bs has {s} slots but the cache has {slots}.")
     if cache is None and s != t:
       raise ValueError(f"without a cache kv_mask_bs must cover the {t} input tokens, got {s}.")
     q_slot_t = start + jnp.arange(t)
@@ -288,11 +309,16 @@ class Transformer(nn.Module):
     sin_bth, cos_bth = jnp.sin(angles_bth), jnp.cos(angles_bth)
 
     x_btd = self.embed.encode(input_ids_bt)
-    new_cache = []
-    for i, layer in enumerate(self.layers):
-      x_btd, layer_cache = layer(x_btd, sin_bth, cos_bth, mask_bts,
-                                 None if cache is None else cache[i], start)
-      new_cache.append(layer_cache)
+    if cfg.scan_layers:
+      _check_scanned_noise(self.variables.get(PERTURBATION, {}).get("layers"))
+      x_btd, new_cache = self.layers(x_btd, sin_bth, cos_bth, mask_bts, cache, start)
+    else:
+      new_cache = []
+      for i, layer in enumerate(self.layers):
+        x_btd, layer_cache = layer(x_btd, sin_bth, cos_bth, mask_bts,
+                                   None if cache is None else cache[i], start)
+        new_cache.append(layer_cache)
+      new_cache = tuple(new_cache)
     if last is not None:
       x_btd = x_btd[:, -last:]
     x_btd = self.final_norm(x_btd)
@@ -300,7 +326,19 @@ class Transformer(nn.Module):
       logits_btv = self.embed.decode(x_btd)
     else:
       logits_btv = self.lm_head(x_btd)
-    return logits_btv.astype(jnp.float32), (None if cache is None else tuple(new_cache))
+    return logits_btv.astype(jnp.float32), (None if cache is None else new_cache)
+
+
+def _check_scanned_noise(noise: PyTree) -> None:
+  """Raises unless every low-rank factor under 'layers' has its layer axis (a clear error
+  instead of nn.scan's complaint about leading axes)."""
+  leaves = jax.tree_util.tree_leaves_with_path(noise, is_leaf=lambda x: isinstance(x, LowRank))
+  for path, leaf in leaves:
+    if isinstance(leaf, LowRank) and leaf.a.ndim != 3:
+      raise ValueError(
+          f"the perturbation of 'layers/{noise_lib.path_str(path)}' is one low-rank matrix for "
+          "all layers, but this model scans its layers: draw the noise with "
+          "es_step(..., scanned=model.config.scanned) (or NoiseSpec(scanned=...)).")
 
 
 def init_params(model: Transformer, key: jax.Array) -> PyTree:
@@ -319,6 +357,77 @@ def init_params(model: Transformer, key: jax.Array) -> PyTree:
   # One compiled program instead of hundreds of eagerly dispatched initialisers.
   init = jax.jit(lambda key: model.init(key, ids, ids, jnp.ones_like(ids))["params"])
   return init(key)
+
+
+_LAYER = re.compile(r"layers_(\d+)")
+
+
+def stack_layers(params: PyTree) -> PyTree:
+  """Unrolled params (``layers_0`` ... ``layers_{L-1}``) as scanned ones (pure).
+
+  Each ``layers_{i}/...`` leaf becomes slice ``i`` of the matching
+  ``layers/...`` leaf, for a model with ``scan_layers=True``; checkpoints load
+  unrolled and are stacked by this mapping. :func:`unstack_layers` inverts it.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> unrolled = {"layers_0": {"w": jnp.zeros(3)}, "layers_1": {"w": jnp.ones(3)},
+    ...             "final_norm": {"scale": jnp.ones(3)}}
+    >>> stacked = stack_layers(unrolled)
+    >>> stacked["layers"]["w"].shape, sorted(stacked)
+    ((2, 3), ['final_norm', 'layers'])
+    >>> unstack_layers(stacked)["layers_1"]["w"].tolist()
+    [1.0, 1.0, 1.0]
+  """
+  indices = sorted(int(m.group(1)) for m in map(_LAYER.fullmatch, params) if m)
+  if indices != list(range(len(indices))) or not indices or "layers" in params:
+    raise ValueError(f"stack_layers needs unrolled params with layers_0 ... layers_{{L-1}} and no "
+                     f"'layers' entry, got top-level keys {sorted(params)}.")
+  rest = {k: v for k, v in params.items() if not _LAYER.fullmatch(k)}
+  layers = [params[f"layers_{i}"] for i in indices]
+  try:
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+  except ValueError as e:  # one layer's tree differs from another's
+    raise ValueError(f"the layers' param trees differ, so they cannot be stacked: {e}") from e
+  return {**rest, "layers": stacked}
+
+
+def unstack_layers(params: PyTree) -> PyTree:
+  """Scanned params (``layers/...`` with a leading layer axis) as unrolled ones (pure)."""
+  if "layers" not in params or any(_LAYER.fullmatch(k) for k in params):
+    raise ValueError(f"unstack_layers needs scanned params with a 'layers' entry, got top-level "
+                     f"keys {sorted(params)}.")
+  num_layers = {x.shape[0] for x in jax.tree.leaves(params["layers"])}
+  if len(num_layers) != 1:
+    raise ValueError(f"the leaves under 'layers' stack different numbers of layers {num_layers}.")
+  rest = {k: v for k, v in params.items() if k != "layers"}
+  return {**rest, **{f"layers_{i}": jax.tree.map(lambda x: x[i], params["layers"])
+                     for i in range(num_layers.pop())}}
+
+
+def params_for(config: ModelConfig, unrolled: PyTree) -> PyTree:
+  """Unrolled params (as checkpoints load) in ``config``'s layout: stacked if ``scan_layers``."""
+  return stack_layers(unrolled) if config.scan_layers else unrolled
+
+
+def cast_matrices(config: ModelConfig, params: PyTree, dtype) -> PyTree:
+  """``params`` with every matrix (a layer's slice, when scanned) cast to ``dtype``.
+
+  Vectors (norm scales, biases) keep their dtype, so that their dense noise is
+  added at full precision.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> cfg = ModelConfig.preset("qwen2.5-0.5b-instruct", scan_layers=True)
+    >>> p = cast_matrices(cfg, {"layers": {"s": jnp.ones((2, 3)), "w": jnp.ones((2, 3, 3))}},
+    ...                   jnp.bfloat16)
+    >>> p["layers"]["s"].dtype, p["layers"]["w"].dtype
+    (dtype('float32'), dtype(bfloat16))
+  """
+  def cast(path, x):
+    layer_axes = int(any(re.search(r, noise_lib.path_str(path)) for r in config.scanned))
+    return x.astype(dtype) if x.ndim - layer_axes >= 2 else x
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def variables(params: PyTree, noise: PyTree | None = None) -> dict[str, PyTree]:
