@@ -81,7 +81,8 @@ f. The real SmolLM2-135M-Instruct (``real``; :mod:`benchmarks.real_model`): 30
    same architecture with random weights: ``weights`` says which), compute
    dtype ``--real-dtype`` (float32 on CPU, bfloat16 on GPU). 8 prompts of 48
    tokens, 16 new tokens greedy (no early stop), N=16 (GPU: also 64), each
-   layout of ``--real-layouts`` (scanned, unrolled) in one fresh process. ``plain decode`` (the N x 8 rows, unperturbed) and
+   layout of ``--real-layouts`` (scanned, unrolled) in one fresh process.
+   ``plain decode`` (the N x 8 rows, unperturbed) and
    ``population decode``: ``generated tok/s`` = N * 8 * 16 / seconds, ``vs
    plain`` (target >= 0.9 at N >= 16). ``ES iteration``: noise, population
    decode, a reward on the host, update, as the runner does it: seconds per

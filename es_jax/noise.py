@@ -85,7 +85,8 @@ LeafKind = Literal["lowrank", "full", "frozen"]
 # Which drawing rule the docstring above describes. Bump it with any change that gives a
 # member other noise for the same (key, generation, member, layout): ES patches store it,
 # and replaying a history under another rule would silently give other weights.
-# 1: one draw per leaf; 2: one draw per (kind, shape) group.
+# 1: one draw per leaf; 2: one draw per (kind, shape) group. Scanned leaves came later
+# within 2: a tree without them draws exactly as before, and no older patch has them.
 NOISE_CONVENTION = 2
 _F32 = np.finfo(np.float32)
 
@@ -287,7 +288,7 @@ class Group(NamedTuple):
     return sum(1 if n is None else n for n in self.layers)
 
   def slots(self):
-    """``(leaf index, slice of the group's stack)`` per leaf; an unscanned leaf's slice is an int."""
+    """``(leaf index, its place in the group's stack)``: an int, or a slice for a scanned leaf."""
     start = 0
     for index, n in zip(self.leaves, self.layers):
       yield index, (start if n is None else slice(start, start + n))

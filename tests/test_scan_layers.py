@@ -1,5 +1,6 @@
-"""Scanned layers (``ModelConfig(scan_layers=True)``): the stacked port against transformers, its
-per-layer noise against float64 NumPy, checkpoints, decoding and a whole experiment with its patch."""
+"""Scanned layers (``ModelConfig(scan_layers=True)``): the stacked port against transformers,
+its per-layer noise against float64 NumPy, checkpoints, decoding, and a whole experiment
+replayed from its patch."""
 
 from __future__ import annotations
 

@@ -45,10 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from es_jax import noise as noise_lib
 from es_jax.layers import PERTURBATION, Dense, add_noise, param_noise
 from es_jax.models.config import ModelConfig
 from es_jax.models import sharding
-from es_jax import noise as noise_lib
 from es_jax.noise import LowRank
 
 PyTree = Any
