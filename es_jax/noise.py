@@ -339,6 +339,12 @@ def layout(spec: NoiseSpec, params: PyTree) -> Layout:
     [('lowrank:3x4', ('a', 'c')), ('full:4', ('b',))]
   """
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+  depths = {path_str(p): x.shape[0] for p, x in leaves
+            if is_scanned(spec, path_str(p)) and len(x.shape)}
+  if len(set(depths.values())) > 1:
+    # Layers of one scan share a depth; different ones mean the regexes caught other leaves.
+    raise ValueError(f"the leaves matching scanned={spec.scanned} stack different numbers of "
+                     f"layers on their first axis ({depths}); fix the regexes.")
   members: dict[tuple[str, tuple[int, ...]], list[tuple[int, str, int | None]]] = {}
   for index, (path, x) in enumerate(leaves):
     path, shape = path_str(path), tuple(x.shape)

@@ -299,6 +299,14 @@ class ExperimentConfig:
     _check(self.task.shots == 0 or not self.model.chat_template,
            f"task.shots={self.task.shots} builds plain few-shot prompts; set "
            "model.chat_template=false (or task.shots=0 for the chat question)")
+    per_tensor = [name for name, on, scope in (
+        ("sparsify", self.mitigation.sparsify_fraction, self.mitigation.sparsify_scope),
+        ("norm_cap", self.mitigation.norm_cap, self.mitigation.norm_cap_scope))
+        if on and scope == "per_tensor"]
+    _check(not (self.model.scan_layers and per_tensor),
+           f"mitigation.{'/'.join(per_tensor)} per_tensor with model.scan_layers=true would treat "
+           "each stacked leaf (all layers of one weight kind) as one tensor; use scope global or "
+           "model.scan_layers=false")
     alpha_lambda = self.es.learning_rate * self.awd.strength
     _check(self.awd.kind != "l2" or alpha_lambda < 1,
            f"awd.strength * es.learning_rate = {alpha_lambda:g} must be < 1 for L2 AWD "

@@ -105,25 +105,28 @@ def test_scanned_weighted_sum_equals_the_float64_sum_over_members(rank):
       np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
 
 
-def test_scanned_programs_have_as_many_outputs_whatever_the_depth():
-  # What XLA:CPU compiles is one kernel per output array: with scanned layers the noise and
-  # update programs must output the same number of arrays at any depth.
-  spec = nl.NoiseSpec(population=4, sigma=1.0, rank=1, freeze=("embed",), scanned=SCANNED)
+def test_scanned_programs_compile_to_as_many_kernels_whatever_the_depth():
+  # XLA:CPU compiles one kernel per fusion, and a program needs one per array it outputs:
+  # with scanned layers the noise and update programs must not grow with depth (unrolled
+  # ones do, which the last line checks).
+  def decoder(num_layers, scanned):
+    layer = {"q": jnp.zeros((8, 8)), "down": jnp.zeros((12, 8)), "norm": jnp.zeros((8,))}
+    if scanned:
+      return {"embed": jnp.zeros((50, 8)), "layers": jax.tree.map(
+          lambda x: jnp.zeros((num_layers, *x.shape)), layer)}
+    return {"embed": jnp.zeros((50, 8)), **{f"layers_{i}": layer for i in range(num_layers)}}
 
-  def decoder(num_layers):
-    layer = {"q": jnp.zeros((num_layers, 8, 8)), "down": jnp.zeros((num_layers, 12, 8)),
-             "norm": jnp.zeros((num_layers, 8))}
-    return {"embed": jnp.zeros((50, 8)), "layers": layer}
+  def kernels(num_layers, scanned):
+    spec = nl.NoiseSpec(population=4, sigma=1.0, rank=1, freeze=("embed",),
+                        scanned=SCANNED if scanned else ())
+    params = decoder(num_layers, scanned)
+    noise = lambda: jax.vmap(lambda i: nl.member_noise(spec, jax.random.key(0), 0, params, i))(
+        jnp.arange(4))
+    update = lambda: nl.weighted_sum(spec, jax.random.key(0), 0, params, jnp.ones(2))
+    return [jax.jit(fn).lower().compile().as_text().count(" fusion(") for fn in (noise, update)]
 
-  def outputs(num_layers):
-    params = decoder(num_layers)
-    noise = jax.eval_shape(jax.vmap(lambda i: nl.member_noise(spec, jax.random.key(0), 0,
-                                                              params, i)), jnp.arange(4))
-    update = jax.eval_shape(lambda: nl.weighted_sum(spec, jax.random.key(0), 0, params,
-                                                    jnp.ones(2)))
-    return len(jax.tree.leaves(noise)), len(jax.tree.leaves(update))
-
-  assert outputs(2) == outputs(24)
+  assert kernels(2, scanned=True) == kernels(12, scanned=True)
+  assert all(a < b for a, b in zip(kernels(2, scanned=False), kernels(12, scanned=False)))
 
 
 def test_scanned_port_matches_transformers_with_and_without_a_member_perturbation(tmp_path):
@@ -207,6 +210,10 @@ def test_scanned_settings_are_checked():
   with pytest.raises(ValueError, match=r"rank=3 exceeds min\(m, n\)=2 of leaf 'layers/w\[layer\]'"):
     nl.layout(nl.NoiseSpec(population=2, sigma=1.0, rank=3, scanned=SCANNED),
               {"layers": {"w": jnp.zeros((9, 2, 5))}})
+  with pytest.raises(ValueError, match="stack different numbers of layers"):
+    # "layers" (no slash) also catches an unrolled model's leaves: (6, 5) and (5, 6) kernels.
+    nl.layout(nl.NoiseSpec(population=2, sigma=1.0, scanned=("layers",)),
+              {"layers_0": {"up": jnp.zeros((6, 5)), "down": jnp.zeros((5, 6))}})
   with pytest.raises(TypeError, match="scan_layers must be a bool"):
     models.ModelConfig.preset("qwen2.5-0.5b-instruct", scan_layers="yes")
 
@@ -250,3 +257,24 @@ def test_an_experiment_on_a_scanned_model_replays_from_its_patch(tmp_path, monke
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+def test_layout_mismatches_are_clear_errors(tmp_path):
+  _, _, unrolled_model, unrolled = ported("qwen_tied")
+  config = unrolled_model.config.replace(scan_layers=True)
+  params = stack_layers(unrolled)
+  ids, mask = left_padded_batch(batch=1, length=4)
+  per_layer = models.init_cache(unrolled_model.config, 1, 4)
+  with pytest.raises(ValueError, match="needs one stacked KVCache, got tuple"):
+    Transformer(config).apply({"params": params}, ids, ids, mask, cache=per_layer)
+  with pytest.raises(checkpoint.CheckpointError, match="stack 2 layers, the config has num_layers=3"):
+    checkpoint.save_pretrained(tmp_path / "out", config.replace(num_layers=3), params)
+
+
+def test_per_tensor_mitigations_refuse_scanned_layers():
+  with pytest.raises(ValueError, match="per_tensor with model.scan_layers=true"):
+    apply_overrides(preset("countdown_es"),
+                    ["model.scan_layers=true", "mitigation.sparsify_fraction=0.1"])
+  config = apply_overrides(preset("countdown_es"), [
+      "model.scan_layers=true", "mitigation.norm_cap=5", "mitigation.norm_cap_scope=global"])
+  assert config.model.scan_layers and config.mitigation.norm_cap == 5

@@ -458,7 +458,12 @@ def _leaf(params: PyTree, path: tuple[str, ...], config: ModelConfig):
       raise CheckpointError(f"params have no '{'/'.join(path[:i + 1])}'; were they built "
                             f"for this config (scan_layers={config.scan_layers})?")
     node = node[part]
-  return node if layer is None else _LayerSlice(node, int(layer.group(1)))
+  if layer is None:
+    return node
+  if node.shape[0] != config.num_layers:
+    raise CheckpointError(f"params 'layers/{'/'.join(path[1:])}' stack {node.shape[0]} layers, "
+                          f"the config has num_layers={config.num_layers}.")
+  return _LayerSlice(node, int(layer.group(1)))
 
 
 @dataclasses.dataclass(frozen=True)

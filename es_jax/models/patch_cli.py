@@ -49,9 +49,10 @@ def apply(base: str, patch_path: str, out: str, *, dtype: str | None = None) -> 
     raise patch_lib.PatchError(f"the patch's base mixes param dtypes {sorted(dtypes)}; apply it "
                                "with es_jax.patch.apply_patch on params loaded by hand.")
   start = time.perf_counter()
-  # A run on a scanned model records its noise's scanned regexes, and its base is stacked.
+  # The base's param paths say its layout: a scanned model's blocks are one 'layers' subtree.
+  scanned = any(path.split("/")[0] == "layers" for path, _, _ in patch.base_tensors)
   model, params = checkpoint.load_model(base, dtype=jnp.float32, param_dtype=dtypes.pop(),
-                                        scan_layers=bool(patch.recipe.es.scanned))
+                                        scan_layers=scanned)
   loaded = time.perf_counter()
   params = jax.block_until_ready(patch_lib.apply_patch(patch, params))
   replayed = time.perf_counter()

@@ -31,6 +31,7 @@ import jax
 from jax.sharding import AxisType, NamedSharding
 
 from es_jax import noise
+from es_jax.models.config import SCANNED_LAYERS
 
 P = jax.P
 PyTree = Any
@@ -69,9 +70,9 @@ def spec_for(path: str, shape: tuple[int, ...], *, model_axis: str = MODEL_AXIS,
     P(None, None, 'model')
   """
   for pattern, axes in PARTITION_RULES:
-    if re.search(pattern, path) and len(shape) - len(axes) in (0, 1):
-      # One more axis than the rule: a scanned leaf's leading layer axis, kept whole.
-      axes = (None,) * (len(shape) - len(axes)) + axes
+    layer_axis = any(re.search(r, path) for r in SCANNED_LAYERS)
+    if re.search(pattern, path) and len(shape) == len(axes) + layer_axis:
+      axes = (None,) * layer_axis + axes  # a scanned leaf's layer axis stays whole
       axes = tuple(model_axis if a == MODEL_AXIS else a for a in axes)
       if axis_size is not None:
         axes = tuple(a if a is None or dim % axis_size == 0 else None

@@ -297,6 +297,10 @@ class Transformer(nn.Module):
     t = input_ids_bt.shape[1]
     s = kv_mask_bs.shape[1]
     if cache is not None:
+      if isinstance(cache, KVCache) != cfg.scan_layers:
+        raise ValueError(f"scan_layers={cfg.scan_layers} needs "
+                         f"{'one stacked KVCache' if cfg.scan_layers else 'a KVCache per layer'}"
+                         f", got {type(cache).__name__}; make it with init_cache(config, ...).")
       slots = (cache if cfg.scan_layers else cache[0]).k_bskh.shape[-3]
       if slots != s:
         raise ValueError(f"kv_mask_bs has {s} slots but the cache has {slots}.")
@@ -403,11 +407,6 @@ def unstack_layers(params: PyTree) -> PyTree:
   rest = {k: v for k, v in params.items() if k != "layers"}
   return {**rest, **{f"layers_{i}": jax.tree.map(lambda x: x[i], params["layers"])
                      for i in range(num_layers.pop())}}
-
-
-def params_for(config: ModelConfig, unrolled: PyTree) -> PyTree:
-  """Unrolled params (as checkpoints load) in ``config``'s layout: stacked if ``scan_layers``."""
-  return stack_layers(unrolled) if config.scan_layers else unrolled
 
 
 def cast_matrices(config: ModelConfig, params: PyTree, dtype) -> PyTree:
