@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from es_jax import noise as nl
 from es_jax import shaping
+from es_fixtures import assert_weighted_sum_matches_members
 
 # "dense" and "twin" share a shape, hence one noise group and one draw per pair.
 PARAMS = {"dense": {"kernel": jnp.zeros((13, 17)), "bias": jnp.zeros((17,))},
@@ -107,19 +108,8 @@ def test_weighted_sum_equals_dense_sum_over_members(rank, antithetic, full_rank_
   if full_rank_pair_by_pair:  # As for a large model: full-rank groups reduced one pair at a time.
     monkeypatch.setattr(nl, "_FULL_RANK_BYTES_AT_ONCE", 0)
   spec = nl.NoiseSpec(population=8, sigma=0.3, rank=rank, antithetic=antithetic)
-  key = jax.random.key(1)
-  member_weights = np.random.default_rng(0).normal(size=8)
-  expected = None
-  for i in range(8):
-    # member noise is sigma * sign * eps; weighted_sum sums unit eps per pair.
-    dense = jax.tree.map(lambda x: x / 0.3 * member_weights[i], _dense_member(spec, key, 2, i))
-    expected = dense if expected is None else jax.tree.map(np.add, expected, dense)
-  _, signs = nl.pair_of(spec, jnp.arange(8))
-  pair_w = (member_weights * np.asarray(signs)).reshape(spec.num_pairs, -1).sum(1)
-  for chunk in (None, 2):
-    got = nl.weighted_sum(spec, key, 2, PARAMS, jnp.asarray(pair_w, jnp.float32), chunk_size=chunk)
-    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-      np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+  assert_weighted_sum_matches_members(
+      spec, PARAMS, lambda key, generation, i: _dense_member(spec, key, generation, i))
 
 
 def test_spec_validation():

@@ -16,6 +16,7 @@ from es_jax import models
 from es_jax import noise as nl
 from es_jax.models import checkpoint
 from es_jax.models.transformer import Transformer, stack_layers, unstack_layers
+from es_fixtures import assert_weighted_sum_matches_members
 from experiment_fixtures import (digit_share_reward, make_tiny_checkpoint, short_run_overrides,
                                  write_short_gsm8k, write_short_hellaswag)
 from experiments import components, rollouts
@@ -87,22 +88,14 @@ def test_scanned_noise_is_antithetic_pure_and_the_same_batched():
 @pytest.mark.parametrize("rank", [None, 2])
 def test_scanned_weighted_sum_equals_the_float64_sum_over_members(rank):
   spec = nl.NoiseSpec(population=8, sigma=0.3, rank=rank, scanned=SCANNED)
-  key = jax.random.key(1)
-  member_weights = np.random.default_rng(0).normal(size=8)
-  expected = None
-  for i in range(8):
-    noise = nl.member_noise(spec, key, 2, PARAMS, i)
-    dense = jax.tree.map(
+
+  def dense_member(key, generation, i):  # the factors multiplied out in NumPy, layer by layer
+    return jax.tree.map(
         lambda n, p: (_np_lowrank(n).reshape(p.shape) if isinstance(n, nl.LowRank)
-                      else np.asarray(n, np.float64)) / 0.3 * member_weights[i],
-        noise, PARAMS, is_leaf=nl.is_noise_leaf)
-    expected = dense if expected is None else jax.tree.map(np.add, expected, dense)
-  _, signs = nl.pair_of(spec, jnp.arange(8))
-  pair_w = (member_weights * np.asarray(signs)).reshape(spec.num_pairs, -1).sum(1)
-  for chunk in (None, 2):
-    got = nl.weighted_sum(spec, key, 2, PARAMS, jnp.asarray(pair_w, jnp.float32), chunk_size=chunk)
-    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
-      np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4)
+                      else np.asarray(n, np.float64)),
+        nl.member_noise(spec, key, generation, PARAMS, i), PARAMS, is_leaf=nl.is_noise_leaf)
+
+  assert_weighted_sum_matches_members(spec, PARAMS, dense_member)
 
 
 def test_scanned_programs_compile_to_as_many_kernels_whatever_the_depth():
