@@ -260,7 +260,8 @@ def test_layout_mismatches_are_clear_errors(tmp_path):
   per_layer = models.init_cache(unrolled_model.config, 1, 4)
   with pytest.raises(ValueError, match="needs one stacked KVCache, got tuple"):
     Transformer(config).apply({"params": params}, ids, ids, mask, cache=per_layer)
-  with pytest.raises(checkpoint.CheckpointError, match="stack 2 layers, the config has num_layers=3"):
+  with pytest.raises(checkpoint.CheckpointError,
+                     match="stack 2 layers, the config has num_layers=3"):
     checkpoint.save_pretrained(tmp_path / "out", config.replace(num_layers=3), params)
 
 
