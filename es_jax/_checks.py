@@ -89,3 +89,11 @@ def choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
   """Refuses ``value`` unless it is one of ``choices``, listing them."""
   if value not in choices:
     raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
+
+
+def regexes(name: str, value: Any) -> tuple[str, ...]:
+  """A regex, or a tuple or list of them, as a tuple of strings (anything else refused)."""
+  patterns = (value,) if isinstance(value, str) else value
+  if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) for p in patterns):
+    raise TypeError(f"{name} must be a tuple of regex strings, got {value!r}.")
+  return tuple(patterns)

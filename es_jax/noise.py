@@ -161,13 +161,10 @@ class NoiseSpec:
     if self.vector_noise not in ("full", "frozen"):
       raise ValueError(f"vector_noise must be 'full' or 'frozen', got {self.vector_noise!r}.")
     for name in ("freeze", "scanned"):
-      patterns = getattr(self, name)
-      patterns = (patterns,) if isinstance(patterns, str) else patterns
-      if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{name} must be a tuple of regex strings, got {patterns!r}.")
+      patterns = _checks.regexes(name, getattr(self, name))
       for pattern in patterns:
         re.compile(pattern)
-      set_(name, tuple(patterns))
+      set_(name, patterns)
 
   @property
   def num_pairs(self) -> int:

@@ -103,11 +103,7 @@ class EsStepRecipe:
                    bools=("antithetic",),
                    strs=("shaping", "estimator", "on_failure", "vector_noise", "population_axis"))
     for name in ("freeze", "scanned"):
-      patterns = getattr(self, name)
-      patterns = (patterns,) if isinstance(patterns, str) else patterns
-      if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"EsStepRecipe.{name} must be a list of regex strings, got {patterns!r}.")
-      object.__setattr__(self, name, tuple(patterns))
+      object.__setattr__(self, name, _checks.regexes(f"EsStepRecipe.{name}", getattr(self, name)))
     if self.shaping not in SHAPINGS:
       raise ValueError(f"EsStepRecipe.shaping must be one of {sorted(SHAPINGS)}, got "
                        f"{self.shaping!r}.")
