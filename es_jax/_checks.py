@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import Any
 
 import jax
@@ -48,9 +49,18 @@ def _scalar(name: str, value: Any, what: str, kinds: tuple[type, ...], dtype_kin
   raise TypeError(f"{name} must be {what}, got {value!r} of type {type(value).__name__}.")
 
 
-def integer(name: str, value: Any, *, minimum: int) -> int:
-  """``value`` as a Python int >= ``minimum`` (int, NumPy or 0-d JAX integer)."""
+def integer(name: str, value: Any, *, minimum: int, maximum: int | None = None) -> int:
+  """``value`` as a Python int in ``[minimum, maximum]`` (int, NumPy or 0-d JAX integer).
+
+  Example:
+    >>> integer("seed", 2**32, minimum=0, maximum=2**32 - 1)
+    Traceback (most recent call last):
+    ...
+    ValueError: seed must be an integer in [0, 4294967295], got 4294967296.
+  """
   value = int(_scalar(name, value, "an integer", (numbers.Integral,), "iu"))
+  if maximum is not None and not minimum <= value <= maximum:
+    raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}], got {value}.")
   if value < minimum:
     raise ValueError(f"{name} must be an integer >= {minimum}, got {value}.")
   return value
@@ -92,8 +102,23 @@ def choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def regexes(name: str, value: Any) -> tuple[str, ...]:
-  """A regex, or a tuple or list of them, as a tuple of strings (anything else refused)."""
+  """A regex, or a tuple or list of them, as a tuple of strings that compile (else refused).
+
+  Example:
+    >>> regexes("freeze", ("embed", "("))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: freeze holds an invalid regex '(': missing ), unterminated subpattern at ...
+  """
   patterns = (value,) if isinstance(value, str) else value
   if not isinstance(patterns, (tuple, list)) or not all(isinstance(p, str) for p in patterns):
     raise TypeError(f"{name} must be a tuple of regex strings, got {value!r}.")
+  for pattern in patterns:
+    # Compiled now, not at the first match: re.error is no ValueError, a huge repeat
+    # count overflows and deep nesting recurses.
+    try:
+      re.compile(pattern)
+    except (re.error, OverflowError, RecursionError) as e:
+      raise ValueError(f"{name} holds an invalid regex {pattern!r}: {e}. Fix it, or escape a "
+                       "literal name with re.escape.") from None
   return tuple(patterns)

@@ -161,10 +161,7 @@ class NoiseSpec:
     if self.vector_noise not in ("full", "frozen"):
       raise ValueError(f"vector_noise must be 'full' or 'frozen', got {self.vector_noise!r}.")
     for name in ("freeze", "scanned"):
-      patterns = _checks.regexes(name, getattr(self, name))
-      for pattern in patterns:
-        re.compile(pattern)
-      set_(name, patterns)
+      set_(name, _checks.regexes(name, getattr(self, name)))
 
   @property
   def num_pairs(self) -> int:

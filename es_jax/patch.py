@@ -22,6 +22,10 @@ File layout (version 1, integers little-endian)::
 A file whose length disagrees with its header is refused as truncated, one
 whose trailing sha256 does not match as corrupted, before anything else is
 read from it.
+A header with a valid sha256 may still come from a faulty or hostile tool, so
+it is bounded too: generations and population are integers >= 1 (the
+population the recipe's), no field nests more than :data:`MAX_NESTING` JSON
+levels, and the recipe's own checks bound its seed and post-step transforms.
 
 The command that applies a patch to a model checkpoint lives with the models
 (:mod:`es_jax.models.patch_cli`)::
@@ -31,19 +35,21 @@ The command that applies a patch to a model checkpoint lives with the models
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import pathlib
+import secrets
 import struct
 import sys
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 
+from es_jax import _checks
 from es_jax import noise as noise_lib
 from es_jax.recipe import EsRecipe
 from es_jax.replay import replay
@@ -54,10 +60,28 @@ FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<8sIQ")  # magic, version, header length
 _DIGEST_BYTES = 32
 SUFFIX = ".espatch"
+#: JSON levels a header field may nest (the base's tensor list needs 3).
+MAX_NESTING = 16
 
 
 class PatchError(ValueError):
   """A patch that cannot be read (truncated, corrupted, unknown) or applied (wrong base)."""
+
+
+def _nesting(value: Any) -> int:
+  """How many JSON arrays/objects deep ``value`` nests (0 for a scalar), without recursing."""
+  depth, level = 0, [value]
+  while containers := [v for v in level if isinstance(v, (dict, list))]:
+    depth += 1
+    level = [c for v in containers for c in (v.values() if isinstance(v, dict) else v)]
+  return depth
+
+
+def _check_nesting(field: str, value: Any) -> None:
+  depth = _nesting(value)
+  if depth > MAX_NESTING:
+    raise ValueError(f"header field {field!r} nests {depth} levels deep; a patch allows at most "
+                     f"{MAX_NESTING}.")
 
 
 def tensor_manifest(params: PyTree) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
@@ -148,9 +172,20 @@ class Patch:
                        f"bytes) runs past the end of the file ({len(data)} bytes).")
     try:
       header = json.loads(data[_PREFIX.size:_PREFIX.size + header_len].decode())
-      generations, population = int(header["generations"]), int(header["population"])
-    except (ValueError, KeyError, TypeError) as e:
+    except ValueError as e:
       raise PatchError(f"{source} is corrupted: its header does not parse ({e}).") from None
+    except RecursionError:
+      raise PatchError(f"{source} has an invalid header: it nests too deeply for JSON to parse; "
+                       f"a patch allows at most {MAX_NESTING} levels.") from None
+    try:
+      if not isinstance(header, dict):
+        raise ValueError(f"it is a JSON {type(header).__name__}, not an object.")
+      for field, value in header.items():
+        _check_nesting(field, value)
+      generations = _checks.integer("generations", header["generations"], minimum=1)
+      population = _checks.integer("population", header["population"], minimum=1)
+    except (ValueError, KeyError, TypeError) as e:
+      raise PatchError(f"{source} has an invalid header: {_reason(e)}") from None
     expected = _PREFIX.size + header_len + 4 * generations * population + _DIGEST_BYTES
     if len(data) != expected:
       raise PatchError(f"{source} is truncated or corrupted: {len(data)} bytes, but its header "
@@ -159,17 +194,25 @@ class Patch:
       raise PatchError(f"{source} is corrupted: its sha256 does not match its contents.")
     try:
       recipe = EsRecipe.from_dict(header["recipe"])
+      if population != recipe.es.population:
+        raise ValueError(f"population {population} differs from its recipe's population "
+                         f"{recipe.es.population}.")
       base = header["base"]
-      tensors = tuple((str(p), str(d), tuple(int(n) for n in s)) for p, d, s in base["tensors"])
-      base_sha256, metadata = str(base["sha256"]), dict(header["metadata"])
+      tensors = tuple((str(p), str(d), tuple(_checks.integer(f"a dimension of base tensor {p!r}",
+                                                              n, minimum=0) for n in s))
+                      for p, d, s in base["tensors"])
+      base_sha256, metadata, recipe_sha256 = (str(base["sha256"]), header["metadata"],
+                                              header["recipe_sha256"])
+      if not isinstance(metadata, dict):
+        raise ValueError(f"metadata must be a JSON object, got {type(metadata).__name__}.")
     except (ValueError, KeyError, TypeError) as e:
-      raise PatchError(f"{source} has an invalid header: {e}") from None
+      raise PatchError(f"{source} has an invalid header: {_reason(e)}") from None
     if header.get("noise_convention") != noise_lib.NOISE_CONVENTION:
       raise PatchError(f"{source} was written under noise convention "
                        f"{header.get('noise_convention')!r}; this es_jax draws member noise "
                        f"under convention {noise_lib.NOISE_CONVENTION}, so replaying it would give "
                        "other weights. Apply it with the es_jax version that wrote it.")
-    if recipe.fingerprint() != header["recipe_sha256"]:
+    if recipe.fingerprint() != recipe_sha256:
       raise PatchError(f"{source}'s recipe does not match its fingerprint: written by an es_jax "
                        "that serialises recipes differently.")
     offset = _PREFIX.size + header_len
@@ -177,6 +220,11 @@ class Patch:
     return cls(recipe=recipe, fitness_history=history.reshape(generations, population)
                .astype(np.float32), base_sha256=base_sha256, base_tensors=tensors,
                metadata=metadata)
+
+
+def _reason(error: Exception) -> str:
+  """An exception as the rest of a sentence (a KeyError alone says just the key)."""
+  return f"it has no field {error}." if isinstance(error, KeyError) else str(error)
 
 
 def make_patch(recipe: EsRecipe, theta0: PyTree, fitness_history: Any, *,
@@ -193,30 +241,49 @@ def make_patch(recipe: EsRecipe, theta0: PyTree, fitness_history: Any, *,
   if history.ndim != 2 or history.shape[1] != recipe.es.population:
     raise ValueError(f"fitness_history must have shape (generations, {recipe.es.population}), "
                      f"got {history.shape}.")
+  if not len(history):
+    raise ValueError("fitness_history must hold at least one generation, got none.")
   metadata = dict(metadata or {})
-  json.dumps(metadata, allow_nan=False)  # fails now, not at save time
+  # Fails now, not at save or load time (nesting first: json recurses).
+  _check_nesting("metadata", metadata)
+  json.dumps(metadata, allow_nan=False)
   return Patch(recipe=recipe, fitness_history=history, base_sha256=params_sha256(theta0),
                base_tensors=tensor_manifest(theta0),
                metadata=metadata)
 
 
 def save_patch(path: str | os.PathLike, patch: Patch) -> pathlib.Path:
-  """Writes ``patch`` atomically (a temporary file renamed over ``path``)."""
+  """Writes ``patch`` atomically (a temporary file renamed over ``path``), as open() would.
+
+  The file's mode is 0666 less the umask, like the run's other files.
+  """
   path = pathlib.Path(path)
   data = patch.to_bytes()
-  with tempfile.NamedTemporaryFile(dir=path.parent or ".", prefix=path.name, suffix=".tmp",
-                                   delete=False) as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(f.name, path)
+  tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}.tmp")
+  # os.open, not tempfile: the umask sets the mode as for open() (tempfile's is 0600).
+  fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      tmp.unlink()
+    raise
   return path
 
 
 def load_patch(path: str | os.PathLike) -> Patch:
-  """Reads and verifies a patch file (:class:`PatchError` if truncated or corrupted)."""
+  """Reads and verifies a patch file (:class:`PatchError` if unreadable, truncated or corrupted)."""
   path = pathlib.Path(path)
-  return Patch.from_bytes(path.read_bytes(), source=f"patch {str(path)!r}")
+  source = f"patch {str(path)!r}"
+  try:
+    data = path.read_bytes()
+  except OSError as e:  # missing, a directory, no permission
+    raise PatchError(f"{source} cannot be read: {e.strerror or e}.") from None
+  return Patch.from_bytes(data, source=source)
 
 
 def check_base(patch: Patch, params: PyTree) -> None:
@@ -239,6 +306,14 @@ def check_base(patch: Patch, params: PyTree) -> None:
 
 
 def apply_patch(patch: Patch, params: PyTree) -> PyTree:
-  """The fine-tuned params: checks that ``params`` is the patch's base, then replays it."""
+  """The fine-tuned params: checks that ``params`` is the patch's base, then replays it.
+
+  Raises:
+    PatchError: ``params`` is not the patch's base, or the replay does not give
+      finite weights (naming the generation where they stopped being finite).
+  """
   check_base(patch, params)
-  return replay(patch.recipe, params, patch.fitness_history)[0]
+  try:
+    return replay(patch.recipe, params, patch.fitness_history)[0]
+  except ValueError as e:
+    raise PatchError(f"the patch cannot be applied: {e}") from None

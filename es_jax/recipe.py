@@ -38,6 +38,11 @@ from es_jax import shaping
 from es_jax import sharding
 
 RECIPE_VERSION = 1
+#: Seeds that give one key in JAX's 32- and 64-bit modes: past 32 bits the default
+#: mode keeps only the low 32 (``key(2**32)`` is ``key(0)``), and past 63 it overflows.
+MAX_SEED = 2**32 - 1
+#: Post-step transforms a recipe may chain: each may hold a copy of the params.
+MAX_POST = 8
 
 #: Shaping functions a recipe may name (a recipe stores the name, not the function).
 SHAPINGS = {
@@ -77,9 +82,9 @@ def _coerce_fields(obj, *, ints=(), optional_ints=(), floats=(), optional_floats
 class EsStepRecipe:
   """The :func:`es_jax.es_step` arguments, with ``reward_fn=None`` (fitness is passed in).
 
-  ``seed`` gives the key ``jax.random.key(seed)``; ``shaping`` names a function of
-  :data:`SHAPINGS` (``group_size`` is for ``"group_z_score"``). Other fields are
-  ``es_step``'s keyword arguments of the same names.
+  ``seed``, in ``[0, MAX_SEED]``, gives the key ``jax.random.key(seed)``; ``shaping``
+  names a function of :data:`SHAPINGS` (``group_size`` is for ``"group_z_score"``).
+  Other fields are ``es_step``'s keyword arguments of the same names.
   """
 
   population: int
@@ -104,6 +109,7 @@ class EsStepRecipe:
                    strs=("shaping", "estimator", "on_failure", "vector_noise", "population_axis"))
     for name in ("freeze", "scanned"):
       object.__setattr__(self, name, _checks.regexes(f"EsStepRecipe.{name}", getattr(self, name)))
+    _checks.integer("EsStepRecipe.seed", self.seed, minimum=0, maximum=MAX_SEED)
     if self.shaping not in SHAPINGS:
       raise ValueError(f"EsStepRecipe.shaping must be one of {sorted(SHAPINGS)}, got "
                        f"{self.shaping!r}.")
@@ -256,6 +262,9 @@ class EsRecipe:
       raise TypeError("EsRecipe.optimizer must be an OptimizerRecipe, got "
                       f"{type(self.optimizer).__name__}.")
     post = tuple(self.post)
+    if len(post) > MAX_POST:
+      raise ValueError(f"EsRecipe.post holds {len(post)} transforms; at most {MAX_POST} are "
+                       "allowed (each may hold a copy of the params): drop the repeated ones.")
     for p in post:
       if not isinstance(p, tuple(_POST.values())):
         raise TypeError("EsRecipe.post holds AwdRecipe, NormCapRecipe or SparsifyRecipe, got "

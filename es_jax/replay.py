@@ -16,9 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from es_jax import noise as noise_lib
 from es_jax.recipe import EsRecipe
 
 PyTree = Any
+
+
+def all_finite(params: PyTree) -> jax.Array:
+  """Whether every element of every leaf is finite (one fused reduction; a traced bool)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]))
 
 
 def replay(tx: Any, params: PyTree, fitness_history: Any) -> tuple[PyTree, PyTree]:
@@ -47,6 +53,11 @@ def replay(tx: Any, params: PyTree, fitness_history: Any) -> tuple[PyTree, PyTre
     ``(params, opt_state)`` after the last generation; the state continues the
     run (its generation counter is ``len(fitness_history)``).
 
+  Raises:
+    ValueError: ``fitness_history`` has the wrong shape, or the weights become
+      non-finite (named: the first such generation and the non-finite leaves),
+      which no run that checked its weights can have recorded.
+
   Example:
     >>> import jax, jax.numpy as jnp, optax, es_jax
     >>> tx = optax.chain(es_jax.es_step(None, population=4, sigma=0.1, key=jax.random.key(0)),
@@ -69,15 +80,32 @@ def replay(tx: Any, params: PyTree, fitness_history: Any) -> tuple[PyTree, PyTre
     want = f"(generations, {population})" if population else "(generations, population)"
     raise ValueError(f"fitness_history must have shape {want}, got {history.shape}.")
 
-  def step(params, state, fitness):
+  def step(params, state, fitness, first_bad, generation):
     updates, state = tx.update(None, state, params, fitness=fitness)
-    return optax.apply_updates(params, updates), state
+    params = optax.apply_updates(params, updates)
+    # The first generation with non-finite weights stays on the device (-1 while
+    # none): checked inside the step, as the runner does, with no sync per generation.
+    first_bad = jnp.where((first_bad < 0) & ~all_finite(params), generation, first_bad)
+    return params, state, first_bad
 
   state = tx.init(params)
   # Our own copies are donated, so the loop holds one set of params and states
   # (the caller's theta_0 stays valid).
   params, state = jax.tree.map(jnp.copy, (params, state))
   jit_step = jax.jit(step, donate_argnums=(0, 1))
-  for fitness in history:
-    params, state = jit_step(params, state, fitness)
+  first_bad = jnp.int32(-1)
+  for generation, fitness in enumerate(history):
+    params, state, first_bad = jit_step(params, state, fitness, first_bad, generation)
+  if int(first_bad) >= 0:
+    _raise_non_finite(params, int(first_bad), len(history))
   return params, state
+
+
+def _raise_non_finite(params: PyTree, generation: int, generations: int):
+  bad = [noise_lib.path_str(path) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+         if not bool(jnp.all(jnp.isfinite(leaf)))]
+  raise ValueError(
+      f"replay: the weights are non-finite from generation {generation} of {generations} on "
+      f"(the update fed fitness_history[{generation}], 0-based); non-finite leaves at the end: "
+      f"{bad[:5]}{' ...' if len(bad) > 5 else ''}. No run that checked its weights recorded "
+      "this history with this recipe: check the recipe's learning rate and sigma.")

@@ -64,16 +64,15 @@ def test_apply_writes_the_fine_tuned_checkpoint(base_and_patch, capsys):
   for (p, x), y in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(p))
   assert (out / "tokenizer.json").read_text() == '{"tiny": true}'
-  with pytest.raises(SystemExit, match="exists and is not empty"):
-    patch_cli.main(["apply", "--base", str(base), "--patch", str(path), "--out", str(out)])
+  code, err = apply_error(capsys, base, path, out)
+  assert code == 2 and "exists and is not empty" in err
 
 
-def test_apply_refuses_another_base(base_and_patch):
+def test_apply_refuses_another_base(base_and_patch, capsys):
   root, _, path, _ = base_and_patch
   other = write_checkpoint(root / "other", seed=1)
-  with pytest.raises(SystemExit, match="wrong base model: the params' sha256"):
-    patch_cli.main(["apply", "--base", str(other), "--patch", str(path), "--out",
-                    str(root / "out_other")])
+  code, err = apply_error(capsys, other, path, root / "out_other")
+  assert code == 2 and "wrong base model: the params' sha256" in err
   assert not (root / "out_other").exists()
 
 
@@ -86,3 +85,43 @@ def test_info_runs_as_a_module(base_and_patch):
   assert info["generations"] == 4 and info["population"] == 8
   assert info["recipe_sha256"] == RECIPE.fingerprint()
   assert info["bytes"] == path.stat().st_size
+
+
+def apply_error(capsys, base, patch, out):
+  """``main(["apply", ...])``'s exit code and stderr, which must be one line."""
+  with pytest.raises(SystemExit) as exit_info:
+    patch_cli.main(["apply", "--base", str(base), "--patch", str(patch), "--out", str(out)])
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1, err
+  return exit_info.value.code, err
+
+
+def test_unusable_paths_give_one_line_and_exit_code_2(base_and_patch, tmp_path, capsys):
+  _, base, path, _ = base_and_patch
+  (tmp_path / "file").write_text("x")
+  cases = {"missing base": (tmp_path / "missing", path, tmp_path / "o1"),
+           "patch is a directory": (base, tmp_path, tmp_path / "o2"),
+           "missing patch": (base, tmp_path / "none.espatch", tmp_path / "o3"),
+           "out is a file": (base, path, tmp_path / "file")}
+  for case, (b, p, o) in cases.items():
+    code, err = apply_error(capsys, b, p, o)
+    assert code == 2, case
+    assert str(o if case == "out is a file" else p if "patch" in case else b) in err, case
+  assert (tmp_path / "file").read_text() == "x"
+  assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+  with pytest.raises(SystemExit) as exit_info:
+    patch_cli.main(["info", str(tmp_path)])
+  assert exit_info.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_apply_refuses_a_patch_that_replays_to_non_finite_weights(base_and_patch, capsys):
+  # lr = 1e300 is inf in float32: the first generation's weights are not finite.
+  root, base, _, _ = base_and_patch
+  _, theta0 = models.load_model(base, dtype=jnp.float32)
+  recipe = EsRecipe(RECIPE.es, OptimizerRecipe("sgd", 1e300))
+  path = es_jax.save_patch(root / "inf.espatch",
+                           es_jax.make_patch(recipe, theta0, np.ones((2, 8), np.float32)))
+  code, err = apply_error(capsys, base, path, root / "out_inf")
+  assert code == 2 and "non-finite from generation 0" in err
+  assert not (root / "out_inf").exists()

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import shutil
+import sys
 import time
 
 import jax
@@ -38,11 +40,13 @@ def apply(base: str, patch_path: str, out: str, *, dtype: str | None = None) -> 
 
   Raises:
     es_jax.patch.PatchError: unreadable patch or wrong base (checked before
-      replaying); ``FileExistsError`` if ``out`` is a non-empty directory.
+      replaying), or a replay that gives non-finite weights (nothing written);
+      ``FileExistsError`` if ``out`` is a file or a non-empty directory.
   """
   out = pathlib.Path(out)
-  if out.exists() and any(out.iterdir()):
-    raise FileExistsError(f"--out {out} exists and is not empty; choose a new directory.")
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise FileExistsError(f"--out {out} exists and is {'not empty' if out.is_dir() else 'a file'}; "
+                          "choose a new directory.")
   patch = patch_lib.load_patch(patch_path)  # before loading a model that may take minutes
   dtypes = {d for _, d, _ in patch.base_tensors}
   if len(dtypes) != 1:
@@ -80,7 +84,7 @@ def info(patch_path: str) -> dict:
           "failed_members": int(np.sum(~np.isfinite(history))),
           "recipe": patch.recipe.to_dict(), "recipe_sha256": patch.recipe.fingerprint(),
           "base_sha256": patch.base_sha256, "base_tensors": len(patch.base_tensors),
-          "base_params": sum(int(np.prod(s)) for _, _, s in patch.base_tensors),
+          "base_params": sum(math.prod(s) for _, _, s in patch.base_tensors),  # no int64 wrap
           "metadata": patch.metadata}
 
 
@@ -103,8 +107,11 @@ def main(argv: list[str] | None = None) -> None:
       apply(args.base, args.patch, args.out, dtype=args.dtype)
     else:
       print(json.dumps(info(args.patch), indent=2))
-  except (patch_lib.PatchError, FileExistsError) as e:
-    raise SystemExit(f"error: {e}") from None
+  # ValueError covers PatchError and a base that cannot be read (CheckpointError);
+  # OSError a path that cannot be used. One line, exit code 2, as experiments.run.
+  except (ValueError, OSError) as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
