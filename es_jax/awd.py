@@ -6,6 +6,7 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from es_jax import _checks
@@ -52,7 +53,9 @@ def anchored_weight_decay(
   theta_0 is ``anchor`` if given, else the params seen by ``init``; it is kept
   in the state (so it is checkpointed with the optimizer). ``init`` refuses,
   naming the leaf, an anchor whose structure or leaf shapes differ from the
-  params, and params leaves that are not floating-point arrays.
+  params, and params or anchor leaves that are not floating-point arrays;
+  ``update`` refuses updates or params not shaped like the params seen by
+  ``init`` (rather than broadcasting them).
 
   Hyperparameters may be Python, NumPy or JAX numbers. Concrete ones are
   checked here (``strength >= 0``, ``learning_rate > 0``, both finite, and
@@ -100,16 +103,13 @@ def anchored_weight_decay(
           "overshoot theta_0. Lower strength (the paper uses 10 with lr 5e-4).")
 
   def init_fn(params):
-    _check_float_leaves(params, "params")
-    if anchor is not None:
-      _check_anchor(anchor, params)
-    source = params if anchor is None else anchor
     return AnchoredWeightDecayState(count=jnp.zeros([], jnp.int32),
-                                    anchor=jax.tree.map(jnp.array, source))
+                                    anchor=checked_anchor(params, anchor, "anchored weight decay"))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("anchored_weight_decay needs params: call tx.update(updates, state, params).")
+    check_step_shapes(updates, params, state.anchor)
     delta = jax.tree.map(lambda p, a: p.astype(jnp.float32) - a.astype(jnp.float32),
                          params, state.anchor)
     # No-ops for the concrete values checked above; they guard the values known
@@ -137,7 +137,38 @@ def anchored_weight_decay(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _check_float_leaves(tree: PyTree, what: str) -> None:
+def checked_anchor(params: PyTree, anchor: PyTree | None, transform: str) -> PyTree:
+  """theta_0 for ``params``: a copy of ``anchor``, or of ``params`` if ``anchor`` is ``None``.
+
+  Refuses, naming the leaf, params or anchor leaves that are not floating-point
+  arrays and an anchor not shaped like params. Shared by the transforms that
+  keep an anchor in their state (:func:`anchored_weight_decay`,
+  :func:`es_jax.anchored_norm_cap`), so both accept the same anchors, with the
+  same messages; ``transform`` names the caller in them.
+  """
+  _check_float_leaves(params, "params", transform)
+  if anchor is not None:
+    _check_float_leaves(anchor, "anchor", transform)
+    _check_like(anchor, "anchor", params, "params")
+  return jax.tree.map(jnp.array, params if anchor is None else anchor)
+
+
+def check_step_shapes(updates: PyTree, params: PyTree | None, stored: PyTree) -> None:
+  """Refuses ``updates`` or ``params`` (unless ``None``) not shaped like ``stored``.
+
+  ``stored`` is a tree that ``init`` made from the params (an anchor, a
+  residual). Shared by the transforms that keep one (this module's and
+  :mod:`es_jax.mitigations`'): elementwise arithmetic would broadcast a
+  ``(1, n)`` leaf against an ``(m, n)`` one and give a step of the wrong shape
+  rather than an error. The message names the leaf.
+  """
+  where = "the params seen by init"
+  _check_like(updates, "updates", stored, where)
+  if params is not None:
+    _check_like(params, "params", stored, where)
+
+
+def _check_float_leaves(tree: PyTree, what: str, transform: str) -> None:
   """Raises, naming the leaf, unless every leaf is a floating-point array (or shape struct)."""
   # None is an empty subtree here, as in optax: nothing to decay (an anchor's None
   # where params have an array is caught as a missing leaf).
@@ -146,25 +177,28 @@ def _check_float_leaves(tree: PyTree, what: str) -> None:
     if not (hasattr(x, "shape") and hasattr(x, "dtype")):
       raise TypeError(f"{where} is a {type(x).__name__}, not an array; wrap it with jnp.asarray.")
     if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(f"{where} has dtype {x.dtype}; anchored weight decay needs floating-point "
-                      "leaves (its decayed step would be rounded to the integer dtype).")
+      raise TypeError(f"{where} has dtype {x.dtype}; {transform} needs floating-point leaves "
+                      "(its step would be rounded to the integer dtype).")
 
 
-def _check_anchor(anchor: PyTree, params: PyTree) -> None:
-  """Raises, naming the leaf, unless ``anchor`` has the structure and leaf shapes of ``params``."""
-  _check_float_leaves(anchor, "anchor")
-  flat_anchor = {noise.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(anchor)[0]}
-  flat_params = {noise.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-  for name in flat_params:
-    if name not in flat_anchor:
-      raise ValueError(f"anchor has no leaf '{name}' of params; pass an anchor shaped like params.")
-  for name in flat_anchor:
-    if name not in flat_params:
-      raise ValueError(f"anchor leaf '{name}' is not in params; pass an anchor shaped like params.")
-  for name, x in flat_params.items():
-    if tuple(flat_anchor[name].shape) != tuple(x.shape):
-      raise ValueError(f"anchor leaf '{name}' has shape {tuple(flat_anchor[name].shape)} but the "
-                       f"params leaf has shape {tuple(x.shape)}.")
-  if jax.tree.structure(anchor) != jax.tree.structure(params):
-    raise ValueError(f"anchor's tree structure {jax.tree.structure(anchor)} differs from params' "
-                     f"{jax.tree.structure(params)} (same leaf paths, different containers).")
+def _check_like(tree: PyTree, what: str, reference: PyTree, reference_what: str) -> None:
+  """Raises, naming the leaf, unless ``tree`` has the structure and leaf shapes of ``reference``."""
+  flat = {noise.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  flat_reference = {noise.path_str(p): x
+                    for p, x in jax.tree_util.tree_flatten_with_path(reference)[0]}
+  for name in flat_reference:
+    if name not in flat:
+      raise ValueError(f"{what} has no leaf '{name}' of {reference_what}; pass {what} shaped like "
+                       f"{reference_what}.")
+  for name in flat:
+    if name not in flat_reference:
+      raise ValueError(f"{what} leaf '{name}' is not in {reference_what}; pass {what} shaped like "
+                       f"{reference_what}.")
+  for name, x in flat_reference.items():
+    if tuple(np.shape(flat[name])) != tuple(np.shape(x)):
+      raise ValueError(f"{what} leaf '{name}' has shape {tuple(np.shape(flat[name]))} but shape "
+                       f"{tuple(np.shape(x))} in {reference_what}.")
+  if jax.tree.structure(tree) != jax.tree.structure(reference):
+    raise ValueError(f"{what}'s tree structure {jax.tree.structure(tree)} differs from that of "
+                     f"{reference_what}, {jax.tree.structure(reference)} (same leaf paths, "
+                     "different containers).")

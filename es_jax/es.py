@@ -40,7 +40,8 @@ class EsState(NamedTuple):
     rng_key: base key; the noise of a generation is a pure function of
       ``(rng_key, count, member)`` and the params' static layout.
     rewards: raw rewards of the last generation, shape ``(population,)``.
-    num_failed: how many of them were NaN/inf.
+    num_failed: how many members failed: a NaN/inf reward, or a NaN/inf
+      weight from the fitness shaping (see :func:`es_step`'s ``on_failure``).
     config: static settings (no array leaves), so that :func:`member_params`
       and :func:`member_noise` need only the state.
   """
@@ -82,7 +83,7 @@ def es_step(
     * ``"qiu"``: ``c = 1 / N``. With ``fitness_shaping=z_score``,
       ``antithetic=False``, ``rank=None`` and ``optax.sgd(alpha)`` after it,
       this is exactly Qiu et al.'s ``theta += alpha / N * sum_n Z_n eps_n``.
-  ``N`` counts the members that did not fail (NaN/inf reward).
+  ``N`` counts the members that did not fail (see ``on_failure``).
 
   Noise: EGGROLL low-rank ``eps = A B^T / sqrt(rank)`` for matrix leaves
   (``rank=None`` gives full-rank Gaussian noise, i.e. vanilla ES), full-rank
@@ -103,6 +104,9 @@ def es_step(
       for rewards computed outside JAX; :func:`member_params` gives member
       ``i``'s parameters for the same state, hence the same noise.
   ``batch`` is the ``batch=`` extra argument of ``update`` (``None`` if absent).
+  Rewards, like the shaping's weights, must be real numbers (bool, integer or
+  float): complex or non-numeric ones are refused with a TypeError, since the
+  cast to float32 would drop an imaginary part.
 
   Sharding: under ``jax.set_mesh(mesh)`` with an axis named ``population_axis``
   the members (and the noise draws in the update) are split across that axis;
@@ -125,7 +129,11 @@ def es_step(
       finite for any finite rewards; ``identity`` passes the rewards' scale on,
       so its update is finite while ``|R| / (N sigma)`` times the noise fits
       in float32 (no intermediate step overflows first), and inf/NaN (never a
-      silent zero) beyond that.
+      silent zero) beyond that. A member whose shaped weight is NaN/inf (a
+      custom shaping's 0/0, say) fails too, whatever ``on_failure``: it is
+      excluded from the sum and from N like a failed reward, and counted in
+      ``num_failed``, so a shaping that fails every member gives a zero step
+      with ``num_failed == population``, not a silent one.
     vector_noise: ``"full"`` or ``"frozen"`` for leaves with ndim < 2.
     freeze: regex or regexes of leaf paths to leave unperturbed.
     scanned: regex or regexes of leaves that stack layers along their first
@@ -202,12 +210,14 @@ def es_step(
         raise ValueError("No reward: es_step was built with reward_fn=None, so pass the "
                          "members' rewards as tx.update(..., fitness=rewards).")
       fitness = _evaluate(reward_fn, reward_input, config, state, params, batch)
-    fitness = jnp.asarray(fitness)
+    fitness = shaping.real_array("fitness", fitness)
     if fitness.shape != (population,):
       raise ValueError(f"fitness must have shape (population,)=({population},), got {fitness.shape}.")
     rewards = fitness.astype(jnp.float32)
-    updates = _descent_direction(config, state, params, rewards)
-    num_failed = jnp.sum(~jnp.isfinite(rewards)).astype(jnp.int32)
+    weights, counted = _member_weights(config, rewards)
+    updates = _descent_direction(config, state, params, weights, counted)
+    # With on_failure="worst", a NaN/inf reward counts in the update but still failed.
+    num_failed = jnp.sum(~(jnp.isfinite(rewards) & counted)).astype(jnp.int32)
     return updates, EsState(count=optax.safe_increment(state.count), rng_key=state.rng_key,
                             rewards=rewards, num_failed=num_failed, config=config)
 
@@ -265,7 +275,7 @@ def population_rewards(reward_fn: RewardFn, spec: NoiseSpec, key: jax.Array, gen
       reward = reward_fn(noise_lib.perturb(params, noise), batch)
     else:
       reward = reward_fn(params, noise, batch)
-    reward = jnp.asarray(reward)
+    reward = shaping.real_array("reward_fn's reward", reward)
     if reward.shape != ():
       raise ValueError(f"reward_fn must return a scalar per member, got shape {reward.shape}.")
     return reward.astype(jnp.float32)
@@ -303,19 +313,28 @@ def _check_chunk_size(spec: NoiseSpec, chunk_size) -> int | None:
   return chunk_size
 
 
-def _descent_direction(config: EsConfig, state: EsState, params, rewards):
+def _member_weights(config: EsConfig, rewards: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Each member's shaped weight (0 if it failed), and which members count in the update.
+
+  A member fails if its reward (after ``on_failure``) or its shaped weight is
+  NaN/inf; a non-finite weight must not pass as a 0 while N still counts it.
+  """
   spec = config.noise
   if config.on_failure == "worst":
     rewards = shaping.replace_failed_with_worst(rewards)
-  valid = jnp.isfinite(rewards)
-  shaped = jnp.asarray(config.fitness_shaping(rewards))
+  name = getattr(config.fitness_shaping, "__name__", repr(config.fitness_shaping))
+  shaped = shaping.real_array(f"fitness_shaping {name}'s weights", config.fitness_shaping(rewards))
   if shaped.shape != (spec.population,):
     # Broadcasting a wrong shape would silently give every member a wrong weight.
-    name = getattr(config.fitness_shaping, "__name__", repr(config.fitness_shaping))
     raise ValueError(f"fitness_shaping {name} returned shape {shaped.shape}, but it must return "
                      f"one weight per member, shape (population,)=({spec.population},).")
-  weights = jnp.where(valid & jnp.isfinite(shaped), shaped, 0.0).astype(jnp.float32)
-  num_valid = jnp.maximum(valid.sum(), 1).astype(jnp.float32)
+  counted = jnp.isfinite(rewards) & jnp.isfinite(shaped)
+  return jnp.where(counted, shaped, 0.0).astype(jnp.float32), counted
+
+
+def _descent_direction(config: EsConfig, state: EsState, params, weights, counted):
+  spec = config.noise
+  num_valid = jnp.maximum(counted.sum(), 1).astype(jnp.float32)
   scale = 1.0 / num_valid
   if config.estimator == "gradient":
     scale = scale / spec.sigma

@@ -11,6 +11,7 @@ optimizer, so they act on its step, whatever the optimizer is::
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Literal, NamedTuple
 
@@ -20,6 +21,7 @@ import numpy as np
 import optax
 
 from es_jax import _checks
+from es_jax import awd
 
 PyTree = Any
 
@@ -50,15 +52,23 @@ def anchored_norm_cap(
 
   ``c = 1`` (the step is untouched) when the norm is at most ``R``; inside the
   ball nothing changes, on the outside the projection is radial, i.e. the
-  Euclidean projection onto the ball. Norms are computed in float32 and the
-  projected weights are exact up to float32 rounding of ``theta + step``
-  (``||theta - theta_0||`` may exceed ``R`` by a few ulps). Put it last, after
-  the optimizer (and after :func:`es_jax.anchored_weight_decay` or
-  :func:`sparsified_updates`, which do not preserve the bound), so the bound
-  holds after every step. Frozen leaves (zero step) count with their current
-  distance, normally 0.
+  Euclidean projection onto the ball. Norms are computed in float32,
+  scale-safely: the deltas are divided by a power of two near their largest
+  magnitude before they are squared (as LAPACK's nrm2 rescales), so a step of
+  4e20 (whose square overflows) or 1e-25 (whose square underflows) is
+  projected like any other. The projected weights are exact up to float32
+  rounding of ``theta + step`` (``||theta - theta_0||`` may exceed ``R`` by a
+  few ulps). Put it last, after the optimizer (and after
+  :func:`es_jax.anchored_weight_decay` or :func:`sparsified_updates`, which do
+  not preserve the bound), so the bound holds after every step. Frozen leaves
+  (zero step) count with their current distance, normally 0.
 
-  theta_0 is ``anchor`` if given, else the params seen by ``init``.
+  theta_0 is ``anchor`` if given, else the params seen by ``init``. As in
+  :func:`es_jax.anchored_weight_decay` (the same checks and messages), ``init``
+  refuses, naming the leaf, an anchor not shaped like the params and params or
+  anchor leaves that are not floating-point arrays; ``update`` refuses updates
+  or params not shaped like the params seen by ``init`` (rather than
+  broadcasting them).
 
   Args:
     radius: R > 0.
@@ -81,39 +91,54 @@ def anchored_norm_cap(
   _checks.choice("scope", scope, ("global", "per_tensor"))
 
   def init_fn(params):
-    source = params if anchor is None else anchor
-    if jax.tree.structure(source) != jax.tree.structure(params):
-      raise ValueError("anchor must have the same tree structure as params.")
-    return AnchoredNormCapState(anchor=jax.tree.map(jnp.array, source))
+    return AnchoredNormCapState(anchor=awd.checked_anchor(params, anchor, "anchored norm cap"))
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("anchored_norm_cap needs params: call tx.update(updates, state, params).")
+    awd.check_step_shapes(updates, params, state.anchor)
     current = jax.tree.map(lambda p, a: p.astype(jnp.float32) - a.astype(jnp.float32),
                            params, state.anchor)
     post = jax.tree.map(lambda d, u: d + u.astype(jnp.float32), current, updates)
-
-    def factor(sum_squares):
-      norm = jnp.sqrt(sum_squares)
-      # Inner where: no 0/0 (NaN) even in the branch the outer where discards.
-      return jnp.where(norm > radius, radius / jnp.where(norm > 0, norm, 1.0), 1.0)
-
     if scope == "global":
-      c = factor(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(post)))
-      scales = jax.tree.map(lambda _: c, post)
+      leaves, treedef = jax.tree.flatten(post)
+      projected = treedef.unflatten(_project_onto_ball(leaves, radius))
     else:
-      scales = jax.tree.map(lambda x: factor(jnp.sum(jnp.square(x))), post)
-    new_updates = jax.tree.map(lambda x, c, d, u: (c * x - d).astype(u.dtype),
-                               post, scales, current, updates)
+      projected = jax.tree.map(lambda x: _project_onto_ball([x], radius)[0], post)
+    new_updates = jax.tree.map(lambda x, d, u: (x - d).astype(u.dtype), projected, current, updates)
     return new_updates, state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _project_onto_ball(leaves: list[jax.Array], radius: float) -> list[jax.Array]:
+  """The float32 ``leaves``, one vector, projected onto the ball of radius ``radius`` around 0.
+
+  The norm is taken of ``x * 2**-e``, with ``2**e`` just above the largest
+  ``|x|``: entries in ``[-1, 1]`` whose squares neither overflow nor underflow,
+  scaled exactly, and ``1 / max|x|`` (which overflows for tiny x) is never formed.
+  """
+  max_abs = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(x), initial=0.0) for x in leaves],
+                             jnp.float32(0.0))
+  _, e = jnp.frexp(max_abs)  # e = 0 when every x is 0
+  units = [jnp.ldexp(x, -e) for x in leaves]
+  unit_norm = jnp.sqrt(sum(jnp.sum(jnp.square(u)) for u in units))  # >= 1/2 unless all 0
+  # ||x|| > R in the same units; R * 2**-e is inf (never outside) when R dwarfs every x.
+  outside = unit_norm > jnp.ldexp(jnp.float32(radius), -e)
+  # Inner where: no 0/0 (NaN) even in the branch the outer where discards.
+  shrink = radius / jnp.where(outside, unit_norm, 1.0)
+  return [jnp.where(outside, u * shrink, x) for u, x in zip(units, leaves)]
 
 
 class SparsifiedUpdatesState(NamedTuple):
   """``residual``: the part of past steps not yet applied (``"carry"``), or ``None`` (``"drop"``)."""
 
   residual: PyTree
+
+
+def _carried_dtype(dtype) -> jnp.dtype:
+  """The dtype the step is selected and carried in: at least float32, so nothing rounds away."""
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def kept_count(fraction: float, size: int) -> int:
@@ -151,9 +176,13 @@ def sparsified_updates(
     * ``residual="drop"``: select on ``a = u``; the unselected entries are lost.
     * ``residual="carry"`` (error feedback): select on ``a = u + r``, where
       ``r`` (in the state, zeros at first) is what earlier steps left out; the
-      output is ``a`` on the selected entries, and ``r <- a`` on the others
-      (0 on the selected), so every entry of every step is applied eventually
-      and ``sum(outputs) + r = sum(steps)`` at all times.
+      output is ``a`` on the selected entries (rounded to the step's dtype),
+      and ``r <- a - output``: ``a`` on the others and, on the selected, what
+      the rounding left out (0 unless the step's dtype is narrower than
+      ``r``'s, e.g. bfloat16). ``r`` is kept in float32 (the promotion of the
+      params' dtype and float32), so every entry of every step is applied
+      eventually and ``sum(outputs) + r = sum(steps)`` at all times, up to
+      float32 rounding.
     * Selection: ``k = kept_count(fraction, n)`` entries with the largest
       ``|a|`` (nearest integer to ``fraction * n``, at least 1), with ``n`` the
       size of each leaf (``scope="per_tensor"``: every tensor keeps its share)
@@ -165,8 +194,10 @@ def sparsified_updates(
 
   Selection costs a ``lax.top_k`` over each tensor, or over one vector of the
   whole tree's magnitudes for ``"global"`` (gathered onto every device when
-  the params are sharded); ``"carry"`` keeps one float32 copy of the params. Chain it right after the
-  optimizer; transforms after it (AWD, :func:`anchored_norm_cap`) may add dense
+  the params are sharded); ``"carry"`` keeps one float32 copy of the params,
+  and refuses a step whose leaves are not shaped like the params seen by
+  ``init`` (rather than broadcasting it against the residual). Chain it right
+  after the optimizer; transforms after it (AWD, :func:`anchored_norm_cap`) may add dense
   corrections. ``fraction=1`` passes every step through unchanged.
 
   Args:
@@ -196,14 +227,15 @@ def sparsified_updates(
     if residual == "drop":
       return SparsifiedUpdatesState(residual=None)
     return SparsifiedUpdatesState(
-        residual=jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+        residual=jax.tree.map(lambda p: jnp.zeros(p.shape, _carried_dtype(p.dtype)), params))
 
   def update_fn(updates, state, params=None):
     del params
     if residual == "carry":
-      acc = jax.tree.map(lambda u, r: u.astype(jnp.float32) + r, updates, state.residual)
+      awd.check_step_shapes(updates, None, state.residual)
+      acc = jax.tree.map(lambda u, r: u.astype(r.dtype) + r, updates, state.residual)
     else:
-      acc = jax.tree.map(lambda u: u.astype(jnp.float32), updates)
+      acc = jax.tree.map(lambda u: u.astype(_carried_dtype(u.dtype)), updates)
     if scope == "per_tensor":
       masks = jax.tree.map(
           lambda a: _top_k_mask(jnp.abs(a).reshape(-1), kept_count(fraction, a.size))
@@ -218,8 +250,9 @@ def sparsified_updates(
     new_updates = jax.tree.map(lambda a, m, u: jnp.where(m, a, 0.0).astype(u.dtype),
                                acc, masks, updates)
     if residual == "carry":
-      state = SparsifiedUpdatesState(residual=jax.tree.map(lambda a, m: jnp.where(m, 0.0, a),
-                                                           acc, masks))
+      # The applied entries' rounding to a narrow step dtype is carried too, not lost.
+      state = SparsifiedUpdatesState(residual=jax.tree.map(lambda a, u: a - u.astype(a.dtype),
+                                                           acc, new_updates))
     return new_updates, state
 
   return optax.GradientTransformation(init_fn, update_fn)

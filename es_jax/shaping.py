@@ -19,14 +19,43 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from es_jax import _checks
 
 EPS = 1e-8
 
 
+def real_array(name: str, values) -> jax.Array:
+  """``values`` as a JAX array, refused with a TypeError unless they are real numbers.
+
+  Bool, integer and floating-point dtypes are real; a complex array is refused
+  rather than cast (the cast to float32 would drop its imaginary part), and so
+  is anything that is not numbers at all.
+
+  Example:
+    >>> real_array("fitness", [1, 2]).dtype
+    dtype('int32')
+    >>> real_array("fitness", jnp.array([1j]))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    TypeError: fitness must be real numbers, got dtype complex64; pass their real part ...
+  """
+  try:
+    array = jnp.asarray(values)
+  except TypeError as e:
+    raise TypeError(f"{name} must be an array of real numbers, got {type(values).__name__} of "
+                    f"dtype {getattr(values, 'dtype', None)}.") from e
+  if not any(jnp.issubdtype(array.dtype, kind) for kind in (jnp.floating, jnp.integer, jnp.bool_)):
+    # The given dtype: jnp.asarray turns complex128 into complex64 unless x64 is on.
+    dtype = getattr(values, "dtype", array.dtype)
+    raise TypeError(f"{name} must be real numbers, got dtype {dtype}; pass their real part (or "
+                    "abs) explicitly if that is what is meant.")
+  return array
+
+
 def _valid(rewards: jax.Array) -> tuple[jax.Array, jax.Array]:
-  rewards = jnp.asarray(rewards)
+  rewards = real_array("rewards", rewards)
   if rewards.ndim != 1:
     raise ValueError(f"rewards must have shape (N,), got shape {rewards.shape}.")
   # Cast first, so that a reward beyond float32's range counts as failed, as in es_step.
@@ -177,7 +206,8 @@ def per_prompt_centering(rewards_by_prompt: jax.Array, *, normalize: bool = Fals
 
   Args:
     rewards_by_prompt: ``(N, P)`` rewards, member ``i``'s on prompt ``p`` at ``[i, p]``.
-    normalize: divide each centred column by its std (see above).
+    normalize: ``True`` or ``False`` (a Python or NumPy bool): divide each centred
+      column by its std (see above).
 
   Returns:
     ``(N,)`` float32 fitness; NaN for failed members (all NaN if every member failed).
@@ -188,7 +218,11 @@ def per_prompt_centering(rewards_by_prompt: jax.Array, *, normalize: bool = Fals
     >>> per_prompt_centering(r)  # prompt 0 is solved by all: only prompt 1 separates
     Array([-0.25,  0.25,  0.  ,   nan], dtype=float32)
   """
-  rewards_by_prompt = jnp.asarray(rewards_by_prompt)
+  if not isinstance(normalize, (bool, np.bool_)):
+    # A string such as "no" is truthy: it would normalize.
+    raise TypeError(f"normalize must be True or False, got {normalize!r} of type "
+                    f"{type(normalize).__name__}.")
+  rewards_by_prompt = real_array("rewards_by_prompt", rewards_by_prompt)
   if rewards_by_prompt.ndim != 2 or 0 in rewards_by_prompt.shape:
     raise ValueError("per_prompt_centering needs a non-empty (members, prompts) matrix, got "
                      f"shape {rewards_by_prompt.shape}; for (N,) rewards use z_score or identity.")

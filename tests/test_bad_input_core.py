@@ -291,3 +291,79 @@ def test_group_z_score_bad_group_size(group_size, error):
 def test_shaping_refuses_non_vector_rewards():
   with pytest.raises(ValueError, match=r"rewards must have shape \(N,\), got shape \(2, 3\)"):
     shaping.z_score(jnp.zeros((2, 3)))
+
+
+# Issue "No silent wrong result and nothing lost, again", item 15: smaller leniencies.
+
+@pytest.mark.parametrize("fitness,match", [
+    (jnp.array([1.0, 2.0j, 3.0, 4.0]), "fitness must be real numbers, got dtype complex64"),
+    (np.array([1.0, 2.0, 3.0, 4.0 + 1e-3j]), "fitness must be real numbers, got dtype complex128"),
+    (np.array(["1", "2", "3", "4"]), "fitness must be an array of real numbers"),
+])
+def test_complex_or_non_numeric_fitness_is_refused(fitness, match):
+  es = es_jax.es_step(None, population=4, sigma=0.1, key=jax.random.key(0))
+  with pytest.raises(TypeError, match=match):
+    es.update(None, es.init(THETA), THETA, fitness=fitness)
+
+
+def test_complex_reward_or_shaping_output_is_refused():
+  reward = lambda p, batch: jnp.sum(p["w"]) * (1.0 + 1.0j)
+  es = es_jax.es_step(reward, population=4, sigma=0.1, key=jax.random.key(0))
+  with pytest.raises(TypeError, match="reward_fn's reward must be real numbers, got dtype complex"):
+    es.update(None, es.init(THETA), THETA)
+  es = es_jax.es_step(None, population=4, sigma=0.1, key=jax.random.key(0),
+                      fitness_shaping=lambda r: shaping.z_score(r) * 1j)
+  with pytest.raises(TypeError, match="fitness_shaping .* must be real numbers, got dtype complex"):
+    es.update(None, es.init(THETA), THETA, fitness=jnp.arange(4.0))
+  with pytest.raises(TypeError, match="rewards must be real numbers, got dtype complex64"):
+    shaping.z_score(jnp.array([1.0, 2.0j]))
+  with pytest.raises(TypeError, match="rewards_by_prompt must be real numbers, got dtype complex"):
+    shaping.per_prompt_centering(jnp.ones((2, 2)) * 1j)
+
+
+def test_boolean_and_integer_fitness_are_numbers():
+  es = es_jax.es_step(None, population=4, sigma=0.5, key=jax.random.key(0), rank=None)
+  state = es.init(THETA)
+  for fitness in (np.array([True, False, False, True]), np.array([1, 0, 0, 1], np.int8)):
+    updates, _ = es.update(None, state, THETA, fitness=fitness)
+    expected = numpy_update(numpy_z(np.array([1.0, 0.0, 0.0, 1.0])),
+                            member_eps(state, THETA, 0.5, 4), 0.5)
+    for k in THETA:
+      np.testing.assert_allclose(updates[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", ["no", "False", 0, 1, None, np.array([True])])
+def test_per_prompt_centering_normalize_must_be_a_bool(normalize):
+  with pytest.raises(TypeError, match="normalize must be True or False, got"):
+    shaping.per_prompt_centering(jnp.ones((3, 2)), normalize=normalize)
+
+
+def test_per_prompt_centering_accepts_numpy_bools():
+  r = np.array([[1.0, 4.0], [2.0, 0.0], [6.0, 2.0]])
+  got = shaping.per_prompt_centering(jnp.asarray(r), normalize=np.bool_(True))
+  np.testing.assert_allclose(got, np.mean([numpy_z(r[:, 0]), numpy_z(r[:, 1])], axis=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("on_failure", ["exclude", "worst"])
+def test_non_finite_shaped_weight_fails_its_member(on_failure):
+  """A member whose shaped weight is NaN/inf is failed: excluded from the sum and N, and counted."""
+  sigma, rewards = 0.5, np.array([1.0, 3.0, -2.0, 0.5, 2.0, -1.0])
+  poisoned = lambda r: shaping.z_score(r).at[1].set(jnp.nan).at[4].set(jnp.inf)
+  es = es_jax.es_step(None, population=6, sigma=sigma, key=jax.random.key(3), rank=None,
+                      fitness_shaping=poisoned, on_failure=on_failure)
+  state = es.init(THETA)
+  updates, new_state = jax.jit(es.update)(None, state, THETA, fitness=jnp.asarray(rewards))
+  assert int(new_state.num_failed) == 2
+  eps = member_eps(state, THETA, sigma, 6)
+  keep = [0, 2, 3, 5]
+  weights = numpy_z(rewards)[keep]  # the shaping's own weights of the members that did not fail
+  expected = numpy_update(weights, [eps[i] for i in keep], sigma)
+  for k in THETA:
+    np.testing.assert_allclose(updates[k], expected[k], rtol=1e-5, atol=1e-6)
+  # A shaping that fails everyone: a zero step, but every member is counted as failed.
+  es = es_jax.es_step(None, population=6, sigma=sigma, key=jax.random.key(3), rank=None,
+                      fitness_shaping=lambda r: r * jnp.nan, on_failure=on_failure)
+  updates, new_state = es.update(None, state, THETA, fitness=jnp.asarray(rewards))
+  assert int(new_state.num_failed) == 6
+  for k in THETA:
+    np.testing.assert_array_equal(updates[k], 0.0)
