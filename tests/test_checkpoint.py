@@ -233,6 +233,67 @@ def test_index_entries_and_shards_that_disagree_are_named(sharded_dir, tmp_path,
   assert str(tmp_path / checkpoint.INDEX_FILE) in str(error.value)
 
 
+# ---- shard names (issue "again" #15e): the index names files in its directory, nothing else ----
+
+def _outside_copy(tmp_path, name):
+  """A valid copy of shard ``name`` in a sibling of the checkpoint directory ``tmp_path/ckpt``."""
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  shutil.copy(tmp_path / "ckpt" / name, outside / name)
+  return outside / name
+
+
+def _absolute(tmp_path, name):
+  return str(_outside_copy(tmp_path, name))
+
+
+def _parent(tmp_path, name):
+  _outside_copy(tmp_path, name)
+  return f"../outside/{name}"
+
+
+def _subfolder(tmp_path, name):
+  (tmp_path / "ckpt" / "sub").mkdir()
+  shutil.copy(tmp_path / "ckpt" / name, tmp_path / "ckpt" / "sub" / name)
+  return f"sub/{name}"
+
+
+def _escaping_link(tmp_path, name):
+  target = _outside_copy(tmp_path, name)
+  (tmp_path / "ckpt" / name).unlink()
+  (tmp_path / "ckpt" / name).symlink_to(target)
+  return name
+
+
+@pytest.mark.parametrize("shard_name", [_absolute, _parent, _subfolder, _escaping_link,
+                                        lambda tmp_path, name: "/etc/passwd"])
+def test_an_index_naming_a_file_outside_the_checkpoint_is_refused(sharded_dir, tmp_path,
+                                                                  shard_name):
+  # Every case but /etc/passwd is a valid shard: before the fix it loaded from outside.
+  weight_map = _sharded_copy(sharded_dir, tmp_path / "ckpt")
+  name = weight_map[EMBED]
+  bad = shard_name(tmp_path, name)
+  _write_index(tmp_path / "ckpt", {k: bad if v == name else v for k, v in weight_map.items()})
+  with pytest.raises(CheckpointError) as error:
+    checkpoint.load_model(tmp_path / "ckpt")
+  message = str(error.value)
+  assert f"{tmp_path / 'ckpt' / checkpoint.INDEX_FILE} names shard files outside" in message
+  assert repr(bad) in message and "plain file names" in message
+
+
+def test_a_huggingface_cache_snapshot_of_links_to_its_blobs_loads(sharded_dir, tmp_path):
+  # huggingface_hub's cache: snapshots/<rev>/<file> links to ../../blobs/<hash>.
+  repo = tmp_path / "models--tiny-org--tiny-qwen"
+  snapshot, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
+  snapshot.mkdir(parents=True)
+  blobs.mkdir()
+  for i, file in enumerate(sorted(sharded_dir.iterdir())):
+    shutil.copy(file, blobs / f"blob{i}")
+    (snapshot / file.name).symlink_to(f"../../blobs/blob{i}")
+  _assert_trees_equal(checkpoint.load_params(snapshot, ported("qwen_tied")[2].config),
+                      checkpoint.load_params(sharded_dir, ported("qwen_tied")[2].config))
+
+
 # ---- config vs headers (issue 13 #9): no mapping for layers the checkpoint lacks ----
 
 @pytest.mark.parametrize("layers", [3, 10**9])

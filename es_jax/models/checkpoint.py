@@ -225,6 +225,7 @@ def _checkpoint_tensors(path: pathlib.Path) -> dict[str, tuple[pathlib.Path, tup
   keys_of: dict[str, list[str]] = {}
   for key, name in weight_map.items():
     keys_of.setdefault(name, []).append(key)
+  _check_shard_names(path, index_file, keys_of)
   absent = [f"{name} ({len(keys_of[name])} keys, e.g. {keys_of[name][0]!r})"
             for name in keys_of if not (path / name).is_file()]
   if absent:
@@ -253,21 +254,56 @@ def _checkpoint_tensors(path: pathlib.Path) -> dict[str, tuple[pathlib.Path, tup
   return tensors
 
 
-def _check_layer_count(path: pathlib.Path, keys, config: ModelConfig) -> None:
+def _inside(path: pathlib.Path, name: str) -> bool:
+  """Whether shard ``name`` is a plain file name whose file stays in directory ``path``.
+
+  A link may lead out of the directory only into huggingface_hub's cache layout
+  (``snapshots/<rev>/<name>`` -> ``../../blobs/<hash>``), where every file is one.
+  """
+  if name == ".." or pathlib.PurePath(name).name != name:  # also ".", "a/b", "/etc/x"
+    return False
+  root, target = path.resolve(), (path / name).resolve()
+  if target.parent == root:
+    return True
+  return root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
+
+
+def _check_shard_names(path: pathlib.Path, index_file: pathlib.Path,
+                       keys_of: dict[str, list[str]]) -> None:
+  """Refuses an index whose weight_map names files outside ``path`` (before any is opened)."""
+  outside = [f"{name!r} ({len(keys)} keys, e.g. {keys[0]!r})"
+             for name, keys in keys_of.items() if not _inside(path, name)]
+  if outside:
+    raise CheckpointError(
+        f"{index_file} names shard files outside {path}: {_listing(outside, sep='; ')}. The "
+        "weight_map may only hold plain file names of files in the checkpoint directory (no "
+        "'/', '..', absolute paths or links leading out); fix the index or re-export the "
+        "checkpoint.")
+
+
+def check_layer_count(path: str | os.PathLike, keys, config: ModelConfig, *,
+                      field: str = "config.json: num_hidden_layers",
+                      error: type[CheckpointError] = CheckpointError) -> None:
   """Refuses a config with more layers than the checkpoint has tensors for, before the mapping.
 
-  The mapping has ~10 keys per layer, so a wrong ``num_hidden_layers`` of 1e9
-  would otherwise exhaust memory before any key is compared. Fewer layers
-  than the checkpoint's leave a small mapping: the key comparison names them.
+  The mapping has ~10 keys per layer, so a wrong layer count of 1e9 would
+  otherwise exhaust memory before any key is compared. Fewer layers than the
+  checkpoint's leave a small mapping: the key comparison names them.
+
+  Args:
+    path: the checkpoint, for the message.
+    keys: its Hugging Face tensor names.
+    config: the config to check.
+    field: where the layer count came from, for the message.
+    error: the error type to raise (GGUFError for a GGUF file).
   """
   layers = sorted({int(m.group(1)) for key in keys if (m := _LAYER_KEY.match(key))})
   if config.num_layers <= len(layers):
     return
-  raise CheckpointError(
+  raise error(
       f"checkpoint {path} does not match the config: the config has num_layers="
-      f"{config.num_layers} (config.json: num_hidden_layers), but the checkpoint holds tensors "
-      f"of only {len(layers)} layers, indices {_listing(layers)}. Check that config.json "
-      "belongs to these weights.")
+      f"{config.num_layers} ({field}), but the checkpoint holds tensors of only {len(layers)} "
+      f"layers, indices {_listing(layers)}. Check that the config belongs to these weights.")
 
 
 def _skippable(key: str, config: ModelConfig) -> bool:
@@ -285,7 +321,7 @@ def validate_checkpoint(path: str | os.PathLike, config: ModelConfig) -> dict[st
   """
   path = pathlib.Path(path)
   tensors = _checkpoint_tensors(path)
-  _check_layer_count(path, tensors, config)
+  check_layer_count(path, tensors, config)
   mapping = param_mapping(config)
   where: dict[str, pathlib.Path] = {}
   unexpected, misshaped = [], []

@@ -330,29 +330,44 @@ def _token_ids(value: Any, name: str) -> tuple[int, ...]:
 
 
 def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
-  """(theta, scaling) from either the transformers 5 or the classic config layout."""
-  params = d.get("rope_parameters") or {}
-  scaling = d.get("rope_scaling") or {}
-  for name, value in (("rope_parameters", params), ("rope_scaling", scaling)):
-    if not isinstance(value, Mapping):
+  """(theta, scaling) from either config layout, resolved as transformers 5 resolves them.
+
+  transformers 5 (``RotaryEmbeddingConfigMixin.convert_rope_params_to_dict``) lets a non-empty
+  classic ``rope_scaling`` replace ``rope_parameters`` whole, and takes the theta from the
+  chosen dict, else the top-level ``rope_theta``, else 10000. Merging the two instead read a
+  stale default ``rope_parameters`` over a yarn ``rope_scaling`` as plain RoPE.
+  """
+  for name in ("rope_parameters", "rope_scaling"):
+    value = d.get(name)
+    if value is not None and not isinstance(value, Mapping):
       raise ValueError(f"field {name!r} must be an object or null, got {value!r}.")
-  theta = params.get("rope_theta", d.get("rope_theta", scaling.get("rope_theta", 10000.0)))
+  name = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+  rope = d.get(name) or {}
+  # Qwen2's transformers config reads {"full_attention": {...}} as RoPE per layer type.
+  nested = [key for key, value in rope.items() if isinstance(value, Mapping)]
+  if nested:
+    raise ValueError(f"field {name!r} holds RoPE parameters per layer type ({nested}), which "
+                     "this port does not implement; give one flat object.")
+  source = f"field {name!r}"
+  if name == "rope_scaling" and d.get("rope_parameters"):
+    source += ", which transformers 5 reads in place of 'rope_parameters'"
+  theta = rope.get("rope_theta", d.get("rope_theta"))
   theta = _positive_number({"rope_theta": theta}, "rope_theta", 10000.0)
-  merged = {**scaling, **params}
-  rope_type = merged.get("rope_type", merged.get("type", "default"))
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type == "default":
     return theta, None
   if rope_type != "llama3":
-    raise ValueError(f"rope_type {rope_type!r} is not supported; only 'default' and 'llama3'.")
-  for name in ("factor", "low_freq_factor", "high_freq_factor",
-               "original_max_position_embeddings"):
-    if merged.get(name) is None:
-      raise ValueError(f"field 'rope_scaling' lacks {name!r}, which rope_type 'llama3' needs.")
+    raise ValueError(f"rope_type {rope_type!r} ({source}) is not supported; only 'default' and "
+                     "'llama3'.")
+  for key in ("factor", "low_freq_factor", "high_freq_factor",
+              "original_max_position_embeddings"):
+    if rope.get(key) is None:
+      raise ValueError(f"{source} lacks {key!r}, which rope_type 'llama3' needs.")
   return theta, RopeScaling(
-      factor=_positive_number(merged, "factor", 1.0),
-      low_freq_factor=_positive_number(merged, "low_freq_factor", 1.0),
-      high_freq_factor=_positive_number(merged, "high_freq_factor", 1.0),
-      original_max_position_embeddings=_int_field(merged, "original_max_position_embeddings"))
+      factor=_positive_number(rope, "factor", 1.0),
+      low_freq_factor=_positive_number(rope, "low_freq_factor", 1.0),
+      high_freq_factor=_positive_number(rope, "high_freq_factor", 1.0),
+      original_max_position_embeddings=_int_field(rope, "original_max_position_embeddings"))
 
 
 def _qwen25(hidden, intermediate, layers, heads, kv_heads, vocab, tied) -> ModelConfig:

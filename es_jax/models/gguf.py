@@ -30,7 +30,8 @@ import functools
 import importlib.util
 import os
 import pathlib
-from typing import Any
+import re
+from typing import Any, Callable
 
 import gguf
 import jax
@@ -39,9 +40,10 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
+from es_jax import _checks
 from es_jax.models import sharding
-from es_jax.models.checkpoint import (CheckpointError, in_layout, mismatch_lines, param_mapping,
-                                      place_tensor)
+from es_jax.models.checkpoint import (CheckpointError, check_layer_count, in_layout,
+                                      mismatch_lines, param_mapping, place_tensor)
 from es_jax.models.config import ModelConfig
 from es_jax.models.transformer import Transformer
 
@@ -155,20 +157,75 @@ def _open(path: pathlib.Path, size: int, mtime_ns: int) -> gguf.GGUFReader:
   return reader
 
 
-def _field(reader: gguf.GGUFReader, key: str, default: Any = ...) -> Any:
+def _error(reader: gguf.GGUFReader, message: str) -> GGUFError:
+  """A GGUFError that names the file ``reader`` reads."""
+  return GGUFError(f"{reader.data.filename}: {message}")
+
+
+_Check = Callable[[str, Any], Any]
+
+
+def _field(reader: gguf.GGUFReader, key: str, default: Any = ..., check: _Check | None = None):
+  """Metadata ``key``, passed through ``check(key, value)``; ``default`` when absent.
+
+  A value that ``check`` refuses (TypeError or ValueError) is a GGUFError naming the file and
+  the key: a hand-edited or corrupt file must not surface as a bare Python error.
+  """
   field = reader.fields.get(key)
   if field is None:
     if default is ...:
-      raise GGUFError(f"GGUF metadata has no {key!r}.")
+      raise _error(reader, f"GGUF metadata has no {key!r}.")
     return default
-  return field.contents()
+  value = field.contents()
+  if check is None:
+    return value
+  try:
+    return check(key, value)
+  except (TypeError, ValueError) as e:
+    raise _error(reader, f"GGUF metadata {e} Fix or re-convert the file.") from None
+
+
+def _count(minimum: int = 1) -> _Check:
+  return lambda key, value: _checks.integer(key, value, minimum=minimum)
+
+
+def _positive(key: str, value: Any) -> float:
+  return _float32(_checks.finite_real(key, value, positive=True))
+
+
+def _text(key: str, value: Any) -> str:
+  if not isinstance(value, str):
+    raise TypeError(f"{key} must be a string, got {value!r:.100}.")
+  return value
+
+
+def _texts(key: str, value: Any) -> list[str]:
+  if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+    raise TypeError(f"{key} must be an array of strings, got {value!r:.100}.")
+  return value
+
+
+def _flag(key: str, value: Any) -> bool:
+  if not isinstance(value, bool):
+    raise TypeError(f"{key} must be a bool, got {value!r:.100}.")
+  return value
+
+
+def _token_id(reader: gguf.GGUFReader, key: str, vocab_size: int) -> int | None:
+  """Special token id ``key`` (None when absent), inside the vocabulary: never wrapped around."""
+  def check(key, value):
+    if not (isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size):
+      raise ValueError(f"{key} must be a token id: an integer >= 0 and < {vocab_size} (the "
+                       f"vocabulary size), got {value!r:.100}.")
+    return value
+  return _field(reader, key, None, check)
 
 
 def _architecture(reader: gguf.GGUFReader) -> str:
-  arch = _field(reader, "general.architecture")
+  arch = _field(reader, "general.architecture", check=_text)
   if arch != "llama":
-    raise GGUFError(f"GGUF architecture {arch!r} is not supported; es_jax reads 'llama' GGUF "
-                    "files (use the Hugging Face safetensors checkpoint for other models).")
+    raise _error(reader, f"GGUF architecture {arch!r} is not supported; es_jax reads 'llama' "
+                 "GGUF files (use the Hugging Face safetensors checkpoint for other models).")
   return arch
 
 
@@ -176,48 +233,56 @@ def hf_config(reader: gguf.GGUFReader) -> dict[str, Any]:
   """The ``config.json`` dict (Hugging Face keys) that a llama GGUF's metadata describes.
 
   Raises:
-    GGUFError: another architecture, or a feature the port does not implement
-      (mixture of experts, partial rotary, llama.cpp's ``rope_freqs`` scaling table).
+    GGUFError: another architecture, a feature the port does not implement
+      (mixture of experts, partial rotary, llama.cpp's ``rope_freqs`` scaling table),
+      or a metadata value of the wrong type or range (naming the file and the key).
   """
   arch = _architecture(reader)
-  get = lambda key, default=...: _field(reader, f"{arch}.{key}", default)
+  count = lambda key, default=..., minimum=1: _field(reader, f"{arch}.{key}", default,
+                                                     _count(minimum))
+  positive = lambda key, default=...: _field(reader, f"{arch}.{key}", default, _positive)
   names = {t.name for t in reader.tensors}
-  if get("expert_count", 0):
-    raise GGUFError("GGUF has a mixture of experts (llama.expert_count > 0); es_jax's llama "
-                    "port is dense only.")
-  if "rope_freqs.weight" in names or get("rope.scaling.type", "none") != "none":
-    raise GGUFError("GGUF uses RoPE frequency scaling (rope_freqs / rope.scaling), which this "
-                    "reader does not map; load the Hugging Face safetensors checkpoint instead.")
-  hidden = int(get("embedding_length"))
-  heads = int(get("attention.head_count"))
-  head_dim = int(get("attention.key_length", hidden // heads))
-  if int(get("rope.dimension_count", head_dim)) != head_dim:
-    raise GGUFError(f"GGUF rotates {get('rope.dimension_count')} of {head_dim} head dims "
-                    "(partial rotary); es_jax rotates the whole head.")
-  tokens = _field(reader, "tokenizer.ggml.tokens", None)
-  vocab = get("vocab_size", None)
+  if count("expert_count", 0, minimum=0):
+    raise _error(reader, f"GGUF has a mixture of experts ({arch}.expert_count > 0); es_jax's "
+                 "llama port is dense only.")
+  scaling = _field(reader, f"{arch}.rope.scaling.type", "none", _text)
+  if "rope_freqs.weight" in names or scaling != "none":
+    raise _error(reader, "GGUF uses RoPE frequency scaling (rope_freqs / rope.scaling), which "
+                 "this reader does not map; load the Hugging Face safetensors checkpoint instead.")
+  hidden = count("embedding_length")
+  heads = count("attention.head_count")
+  head_dim = count("attention.key_length", hidden // heads)
+  rotary = count("rope.dimension_count", head_dim)
+  if rotary != head_dim:
+    raise _error(reader, f"GGUF rotates {rotary} of {head_dim} head dims ({arch}.rope."
+                 "dimension_count, partial rotary); es_jax rotates the whole head.")
+  vocab = count("vocab_size", None)
   if vocab is None:
-    vocab = len(tokens) if tokens is not None else int(
-        next(t.shape[1] for t in reader.tensors if t.name == "token_embd.weight"))
-  token_id = lambda key: _field(reader, f"tokenizer.ggml.{key}_token_id", None)
+    tokens = _field(reader, "tokenizer.ggml.tokens", None, _texts)
+    embedding = [t for t in reader.tensors if t.name == "token_embd.weight"]
+    if tokens is None and not embedding:
+      raise _error(reader, f"GGUF metadata has no {arch}.vocab_size, no tokenizer.ggml.tokens "
+                   "and no token_embd.weight tensor: the vocabulary size is unknown.")
+    vocab = len(tokens) if tokens is not None else int(embedding[0].shape[1])
+  token_id = lambda key: _token_id(reader, f"tokenizer.ggml.{key}_token_id", vocab)
   eos = [i for i in (token_id("eos"), token_id("eot")) if i is not None]
   return {
       "model_type": "llama",
-      "vocab_size": int(vocab),
+      "vocab_size": vocab,
       "hidden_size": hidden,
-      "intermediate_size": int(get("feed_forward_length")),
-      "num_hidden_layers": int(get("block_count")),
+      "intermediate_size": count("feed_forward_length"),
+      "num_hidden_layers": count("block_count"),
       "num_attention_heads": heads,
-      "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+      "num_key_value_heads": count("attention.head_count_kv", heads),
       "head_dim": head_dim,
-      "rope_theta": _float32(get("rope.freq_base", 10000.0)),
-      "rms_norm_eps": _float32(get("attention.layer_norm_rms_epsilon")),
-      "max_position_embeddings": int(get("context_length", 2048)),
+      "rope_theta": positive("rope.freq_base", 10000.0),
+      "rms_norm_eps": positive("attention.layer_norm_rms_epsilon"),
+      "max_position_embeddings": count("context_length", 2048),
       "tie_word_embeddings": "output.weight" not in names,
       "attention_bias": "blk.0.attn_q.bias" in names,
       "mlp_bias": "blk.0.ffn_up.bias" in names,
       "bos_token_id": token_id("bos"),
-      "eos_token_id": list(dict.fromkeys(int(i) for i in eos)) or None,
+      "eos_token_id": list(dict.fromkeys(eos)) or None,
       "pad_token_id": token_id("padding"),
   }
 
@@ -228,6 +293,35 @@ def _float32(value) -> float:
   return float(str(np.float32(value)))
 
 
+# The GGUF key (after "<arch>.") of each ModelConfig field that its checks name.
+_GGUF_KEYS = {
+    "vocab_size": "vocab_size", "hidden_size": "embedding_length",
+    "intermediate_size": "feed_forward_length", "num_layers": "block_count",
+    "num_heads": "attention.head_count", "num_kv_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length"}
+
+
+def _config(reader: gguf.GGUFReader, **changes) -> ModelConfig:
+  """The :class:`ModelConfig` of ``reader``'s metadata, then ``changes``.
+
+  Values that are valid alone but not together (``head_count`` not a multiple of
+  ``head_count_kv``, an odd ``key_length``) are refused by ModelConfig in its own field
+  names; the error adds the file and the GGUF keys. ``changes`` are the caller's and are
+  applied after, so that their errors are not blamed on the file.
+  """
+  hf = hf_config(reader)
+  arch = hf["model_type"]
+  try:
+    config = ModelConfig.from_hf_config(hf)
+  except ValueError as e:
+    keys = [f"{field} is {arch}.{key}" for field, key in _GGUF_KEYS.items()
+            if re.search(rf"\b{field}\b", str(e))]
+    legend = f" (GGUF keys: {', '.join(keys)})" if keys else ""
+    raise _error(reader, f"GGUF metadata describes an invalid model: {e}{legend} Fix or "
+                 "re-convert the file.") from None
+  return config.replace(**changes)
+
+
 def load_config(name_or_path: str | os.PathLike, **changes) -> ModelConfig:
   """The :class:`ModelConfig` of a GGUF file or packaged short name, with ``changes`` applied.
 
@@ -235,7 +329,7 @@ def load_config(name_or_path: str | os.PathLike, **changes) -> ModelConfig:
 
     load_config("smollm2-135m-instruct").num_layers   # 30
   """
-  return ModelConfig.from_hf_config(hf_config(read_gguf(name_or_path)), **changes)
+  return _config(read_gguf(name_or_path), **changes)
 
 
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
@@ -293,6 +387,10 @@ def unpermute_rows(rows: np.ndarray, num_heads: int) -> np.ndarray:
 
 def _plan(reader: gguf.GGUFReader, config: ModelConfig):
   """``[(tensor, mapping)]`` after checking every name, shape and type from the header alone."""
+  # Before the mapping: a block_count of 1e9 would build 5 GB of names.
+  keys = [key for t in reader.tensors if (key := hf_tensor_name(t.name))]
+  check_layer_count(reader.data.filename, keys, config,
+                    field=f"GGUF metadata {_architecture(reader)}.block_count", error=GGUFError)
   mapping = param_mapping(config)
   plan, unexpected, misshaped, unsupported, seen = [], [], [], [], set()
   for t in reader.tensors:
@@ -312,7 +410,8 @@ def _plan(reader: gguf.GGUFReader, config: ModelConfig):
     seen.add(key)
   missing = [_gguf_tensor_name(k) for k in mapping if k not in seen]
   if unsupported:
-    raise GGUFError(
+    raise _error(
+        reader,
         f"unsupported quantisation type in {len(unsupported)} tensors ({unsupported[:4]}"
         f"{' ...' if len(unsupported) > 4 else ''}); es_jax dequantises "
         f"{sorted(q.name for q in SUPPORTED_TYPES)}. Re-quantise with llama.cpp's llama-quantize "
@@ -321,7 +420,7 @@ def _plan(reader: gguf.GGUFReader, config: ModelConfig):
                          missing=missing, unexpected=unexpected, misshaped=misshaped,
                          noun="tensors")
   if lines:
-    raise GGUFError("\n".join(lines))
+    raise _error(reader, "\n".join(lines))
   return plan
 
 
@@ -387,8 +486,7 @@ def load_model(name_or_path: str | os.PathLike, *, dtype: Any = jnp.bfloat16,
     model, params = load_model("smollm2-135m-instruct", dtype=jnp.float32)
   """
   reader = read_gguf(name_or_path)
-  config = ModelConfig.from_hf_config(hf_config(reader), dtype=dtype, param_dtype=param_dtype,
-                                      scan_layers=scan_layers)
+  config = _config(reader, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
   return Transformer(config), _read_params(reader, config, None, mesh)
 
 
@@ -400,14 +498,26 @@ _DIGITS_PRE = ("smollm", "starcoder", "refact", "codeshell")
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 
 
-def _pre_tokenizer(name: str):
+def _pre_tokenizer(reader: gguf.GGUFReader):
+  name = _field(reader, "tokenizer.ggml.pre", "default", _text)
   byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   if name in _DIGITS_PRE:
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
   if name in _GPT2_PRE:
     return byte_level
-  raise GGUFError(f"GGUF pre-tokenizer {name!r} is not supported; es_jax rebuilds "
-                  f"{sorted(_GPT2_PRE + _DIGITS_PRE)}.")
+  raise _error(reader, f"GGUF pre-tokenizer {name!r} is not supported; es_jax rebuilds "
+               f"{sorted(_GPT2_PRE + _DIGITS_PRE)}.")
+
+
+def _token_types(count: int) -> _Check:
+  """tokenizer.ggml.token_type: one int per token (zip would drop the tokens past a short one)."""
+  def check(key, value):
+    if not (isinstance(value, list) and len(value) == count
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+      raise TypeError(f"{key} must be an array of {count} integers (one per token), got "
+                      f"{value!r:.100}.")
+    return value
+  return check
 
 
 def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerFast:
@@ -428,20 +538,23 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerFast:
     tok("1234").input_ids   # four tokens
   """
   reader = read_gguf(name_or_path)
-  kind = _field(reader, "tokenizer.ggml.model")
+  kind = _field(reader, "tokenizer.ggml.model", check=_text)
   if kind != "gpt2":
-    raise GGUFError(f"GGUF tokenizer model {kind!r} is not supported; es_jax rebuilds "
-                    "byte-level BPE ('gpt2') vocabularies.")
-  tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-  types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
+    raise _error(reader, f"GGUF tokenizer model {kind!r} is not supported; es_jax rebuilds "
+                 "byte-level BPE ('gpt2') vocabularies.")
+  tokens = _field(reader, "tokenizer.ggml.tokens", check=_texts)
+  types = _field(reader, "tokenizer.ggml.token_type", [1] * len(tokens),
+                 _token_types(len(tokens)))
   vocab = {token: i for i, token in enumerate(tokens)}
   if len(vocab) != len(tokens):
-    raise GGUFError(f"GGUF vocabulary repeats {len(tokens) - len(vocab)} tokens.")
-  merges = [tuple(m.split(" ")) for m in _field(reader, "tokenizer.ggml.merges")]
+    raise _error(reader, f"GGUF vocabulary tokenizer.ggml.tokens repeats "
+                 f"{len(tokens) - len(vocab)} tokens.")
+  merges = [tuple(m.split(" ")) for m in _field(reader, "tokenizer.ggml.merges", check=_texts)]
   if any(len(m) != 2 for m in merges):
-    raise GGUFError("GGUF merges must be 'left right' pairs separated by one space.")
+    raise _error(reader, "GGUF tokenizer.ggml.merges must be 'left right' pairs separated by "
+                 "one space.")
   core = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
-  core.pre_tokenizer = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre", "default"))
+  core.pre_tokenizer = _pre_tokenizer(reader)
   core.decoder = decoders.ByteLevel()
   core.add_tokens([AddedToken(t, normalized=False, special=False)
                    for t, kind in zip(tokens, types) if kind == _USER_DEFINED])
@@ -449,11 +562,11 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerFast:
                            for t, kind in zip(tokens, types) if kind == _CONTROL])
 
   def special(key):
-    i = _field(reader, f"tokenizer.ggml.{key}_token_id", None)
-    return None if i is None else tokens[int(i)]
+    i = _token_id(reader, f"tokenizer.ggml.{key}_token_id", len(tokens))
+    return None if i is None else tokens[i]
   bos, eos = special("bos"), special("eos")
-  add_bos = bool(_field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
-  add_eos = bool(_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
+  add_bos = _field(reader, "tokenizer.ggml.add_bos_token", False, _flag) and bos is not None
+  add_eos = _field(reader, "tokenizer.ggml.add_eos_token", False, _flag) and eos is not None
   if add_bos or add_eos:
     single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
     pair = " ".join([single] + [f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
@@ -463,5 +576,5 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> PreTrainedTokenizerFast:
       tokenizer_object=core, bos_token=bos, eos_token=eos, unk_token=special("unknown"),
       pad_token=special("padding") or eos, padding_side="left",
       clean_up_tokenization_spaces=False,
-      chat_template=_field(reader, "tokenizer.chat_template", None))
+      chat_template=_field(reader, "tokenizer.chat_template", None, _text))
   return tok
