@@ -23,7 +23,7 @@ from typing import Any
 from es_jax import recipe
 from experiments.grpo_config import GrpoConfig
 from experiments.validation import check as _check
-from experiments.validation import check_finite as _check_finite
+from experiments.validation import check_numbers as _check_numbers
 
 ALGORITHMS = ("es", "grpo")
 TARGETS = ("countdown", "gsm8k", "arithmetic")
@@ -32,7 +32,24 @@ AWD_KINDS = ("none", "l2", "l1")
 # whose group size the runner does not carry.
 SHAPINGS = tuple(name for name in recipe.SHAPINGS if name != "group_z_score")
 FITNESSES = ("reward", "answer_logprob")
+# Upper bounds on the sizes a run can be given; past them it would crash raw after the model
+# has loaded (or never end), so they are refused up front. Generous for a GPU cluster: EGGROLL's
+# largest published population is 2**18, Qwen2.5's context 32,768 tokens.
+MAX_POPULATION = 2**20
+MAX_NEW_TOKENS = 2**15
+MAX_EXAMPLES = 10**6       # task.num_train, num_eval, num_prior (generated tasks make them all)
+MAX_PROMPT_BATCH = 2**14
+MAX_ITERATIONS = 10**7
+MAX_SEED = recipe.MAX_SEED  # jax.random.key(2**32) is key(0): a larger seed repeats a smaller one
 PROMPT_CENTERINGS = ("none", "center", "normalize")
+
+
+def _check_name(name: str) -> None:
+  """A run name is one path component: it names the run's directory inside a sweep's ``--out``."""
+  _check(isinstance(name, str) and bool(name) and name not in (".", "..")
+         and not name.startswith(".") and all(c.isalnum() or c in "-_.+=" for c in name),
+         f"name={name!r}: use letters, digits and - _ . + = (not starting with '.'), so that it "
+         "names one directory inside --out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +74,7 @@ class ModelSpec:
   scan_layers: bool = False
 
   def __post_init__(self):
-    _check_finite(self, "model.")
+    _check_numbers(self, "model.")
     for name in ("chat_template", "scan_layers"):
       _check(isinstance(getattr(self, name), bool),
              f"model.{name}={getattr(self, name)!r}: use true or false")
@@ -109,7 +126,8 @@ class TaskSpec:
   prior_every: int = 1
 
   def __post_init__(self):
-    _check_finite(self, "task.")
+    _check_numbers(self, "task.", {"max_new_tokens": MAX_NEW_TOKENS, "num_train": MAX_EXAMPLES,
+                                   "num_eval": MAX_EXAMPLES, "num_prior": MAX_EXAMPLES})
     _check(self.prior_every >= 1, f"task.prior_every={self.prior_every} must be >= 1")
     _check(self.shots >= 0, f"task.shots={self.shots} must be >= 0")
     _check(self.shots == 0 or self.target == "arithmetic",
@@ -124,7 +142,9 @@ class TaskSpec:
     _check(self.prior == "none" or self.num_prior >= 1,
            f"task.num_prior={self.num_prior} must be >= 1 with task.prior={self.prior!r} "
            "(or set task.prior=none)")
-    _check(self.kl_prompts >= 0, f"task.kl_prompts={self.kl_prompts} must be >= 0")
+    _check(0 <= self.kl_prompts <= self.num_eval,
+           f"task.kl_prompts={self.kl_prompts} must be in [0, num_eval={self.num_eval}]: the KL "
+           "is measured on the first kl_prompts held-out prompts")
     _check(self.prompts_per_iteration is None or 1 <= self.prompts_per_iteration <= self.num_train,
            f"task.prompts_per_iteration={self.prompts_per_iteration} must be in "
            f"[1, num_train={self.num_train}] or None (all)")
@@ -179,7 +199,7 @@ class EsSpec:
   prompt_centering: str = "none"
 
   def __post_init__(self):
-    _check_finite(self, "es.")
+    _check_numbers(self, "es.", {"population": MAX_POPULATION, "chunk_size": MAX_POPULATION})
     _check(self.fitness in FITNESSES, f"es.fitness={self.fitness!r}: use one of {FITNESSES}")
     _check(self.prompt_centering in PROMPT_CENTERINGS,
            f"es.prompt_centering={self.prompt_centering!r}: use one of {PROMPT_CENTERINGS}")
@@ -214,7 +234,7 @@ class AwdSpec:
   strength: float = 0.0
 
   def __post_init__(self):
-    _check_finite(self, "awd.")
+    _check_numbers(self, "awd.")
     _check(self.kind in AWD_KINDS, f"awd.kind={self.kind!r}: use one of {AWD_KINDS}")
     _check(self.kind == "none" or self.strength > 0,
            f"awd.strength={self.strength} must be > 0 with awd.kind={self.kind!r}")
@@ -245,7 +265,7 @@ class MitigationSpec:
   norm_cap_scope: str = "global"
 
   def __post_init__(self):
-    _check_finite(self, "mitigation.")
+    _check_numbers(self, "mitigation.")
     _check(0 <= self.sparsify_fraction <= 1,
            f"mitigation.sparsify_fraction={self.sparsify_fraction} must be in [0, 1] (0 = off)")
     _check(self.norm_cap >= 0, f"mitigation.norm_cap={self.norm_cap} must be >= 0 (0 = off)")
@@ -289,7 +309,10 @@ class ExperimentConfig:
   seed: int = 0
 
   def __post_init__(self):
-    _check_finite(self, "")
+    _check_numbers(self, "", {"iterations": MAX_ITERATIONS, "prompt_batch": MAX_PROMPT_BATCH,
+                              "seed": MAX_SEED})
+    _check(self.seed >= 0, f"seed={self.seed} must be >= 0 (it seeds NumPy's generator too)")
+    _check_name(self.name)
     _check(self.algorithm in ALGORITHMS, f"algorithm={self.algorithm!r}: use one of {ALGORITHMS}")
     _check(self.iterations >= 1 and self.eval_every >= 1 and self.prompt_batch >= 1,
            "iterations, eval_every and prompt_batch must be >= 1")

@@ -13,7 +13,7 @@ import math
 import numpy as np
 import optax
 
-from experiments.validation import check_finite
+from experiments.validation import check_numbers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,7 @@ class GrpoConfig:
     def fail(name, rule, hint=""):
       value = getattr(self, name)
       if isinstance(value, float) and math.isinf(value):
-        return  # named with its section by check_finite below
+        return  # named with its section by check_numbers below
       raise ValueError(f"{name} must be {rule}{hint}, got {value!r}.")
 
     is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
@@ -91,7 +91,7 @@ class GrpoConfig:
       fail("adv_eps", "> 0", " (it keeps all-equal groups finite)")
     if not is_int(self.micro_batches) or self.micro_batches < 1:
       fail("micro_batches", "an int >= 1", " (1 = the whole batch at once)")
-    check_finite(self, "grpo.")
+    check_numbers(self, "grpo.")
 
   def optimizer(self) -> optax.GradientTransformation:
     """Adam at ``learning_rate`` after a global-norm clip (TRL / HF Trainer defaults, no decay).

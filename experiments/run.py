@@ -188,11 +188,14 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool,
     if latest is not None:  # cheap checks first: no model is loaded for a resume that would fail
       meta = checkpointer.read_meta(latest)  # verifies its checksum and the fingerprint
       _check_resumable(checkpointer, latest, meta, config)
-      if latest == config.iterations:
+      if latest == config.iterations and not _patch_missing(out, config, meta):
         print(f"{out} is complete at iteration {latest} (iterations={config.iterations}); "
               "nothing to do. Pass --set iterations=N with N > "
               f"{latest} to extend it.", file=sys.stderr)
         return list(meta["metrics"])
+      if latest == config.iterations:
+        print(f"note: {out} is complete but lacks {PATCH_NAME} (the run was stopped before "
+              "writing it); writing it from the checkpoint's fitness history.", file=sys.stderr)
     stack.enter_context(mesh_for(config))
     parts = components.build(config)  # checks the data's size before loading the model
     trainer = make_trainer(parts, config)
@@ -251,6 +254,16 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool,
       write_patch(out / PATCH_NAME, trainer.recipe, parts.params0, history, config)
   plots.write_plots({config.name: records}, out)
   return records
+
+
+def _patch_missing(out: pathlib.Path, config: ExperimentConfig, meta: dict) -> bool:
+  """Whether a complete ES run lacks the patch its checkpoint's fitness history can give.
+
+  The patch is written after the last checkpoint, so a kill between the two
+  leaves a complete run without it; its resumption writes it (no iteration runs).
+  """
+  return (config.algorithm == "es" and not (out / PATCH_NAME).exists()
+          and _history_from_meta(meta, meta["iteration"]) is not None)
 
 
 def _history_meta(history: list | None) -> dict[str, Any]:
@@ -318,6 +331,11 @@ def run_sweep(configs: Sequence[ExperimentConfig], out: pathlib.Path, *, resume:
   once the directory has passed its checks; a resumed sweep leaves it as it is.
   """
   out = pathlib.Path(out)
+  names = [config.name for config in configs]
+  repeated = sorted({name for name in names if names.count(name) > 1})
+  if repeated:  # each run is the directory out/<name>: one name, one run
+    raise ValueError(f"the sweep's runs need distinct names, but {', '.join(repeated)} names "
+                     "several (was name set with --set? a sweep names its own runs; drop it)")
   with rundir.claim(out, marker="sweep.json", resume=resume):
     if not resume:
       rundir.write_json(out / "sweep.json", rundir.mark({"sweep": sweep,
@@ -339,8 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("preset", nargs="?", help="preset or sweep name (see --list)")
-  parser.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
-                      help="override config fields, e.g. es.population=128 awd.kind=l2")
+  # extend, not store: with store a repeated --set keeps only its last list of overrides.
+  parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
+                      help="override config fields, e.g. es.population=128 awd.kind=l2 "
+                           "(may be repeated; all apply, in order)")
   parser.add_argument("--out", type=pathlib.Path, help="run directory (default runs/<preset>)")
   parser.add_argument("--resume", type=pathlib.Path, metavar="RUN_DIR",
                       help="continue the run (or sweep) in this directory from its newest checkpoint")
@@ -358,6 +378,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   # its threads after the error itself was handled; the one-line error below says it all.
   silence_closed_event_loop_noise()
   out = args.resume
+  if args.resume is not None and (args.preset or args.out):
+    # The run directory's own config.json (or sweep.json) names the preset and the place.
+    parser.error(f"--resume takes the run directory's own preset and place; drop "
+                 f"{'the preset ' + repr(args.preset) if args.preset else '--out'} (or start a "
+                 "new run without --resume)")
   try:
     if args.resume is not None:
       return _resume(args.resume, args.set, not args.no_progress)
@@ -411,6 +436,7 @@ def _resume(run_dir: pathlib.Path, overrides: Sequence[str], progress: bool) -> 
     return 0
   config_path = run_dir / "config.json"
   if not config_path.exists():
+    rundir.check_resumable(run_dir, marker="config.json")  # says why, e.g. a kill's leftover
     raise RunError(f"{run_dir} has no config.json: not a run directory of experiments.run")
   stored = rundir.read_json(config_path, expect_runner=True)
   try:

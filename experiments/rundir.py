@@ -119,6 +119,15 @@ def is_claimed_by_runner(directory: pathlib.Path, marker: str) -> bool:
   return True
 
 
+def _leftover(marker: str) -> str:
+  """The temporary file of a first ``marker`` write that was killed before its rename.
+
+  A run killed there leaves only it and ``.lock``: it never started, and a new
+  run in the directory replaces the leftover (under the lock, so never a live run's).
+  """
+  return marker + ".tmp"
+
+
 def _check(out: pathlib.Path, *, marker: str, resume: bool) -> None:
   """Refuses ``out`` as the runner's directory unless it may be used as asked (reads only)."""
   what = "sweep" if marker == "sweep.json" else "run"
@@ -128,6 +137,10 @@ def _check(out: pathlib.Path, *, marker: str, resume: bool) -> None:
   ours = out.is_dir() and is_claimed_by_runner(out, marker)
   if resume:
     if not ours:
+      if out.is_dir() and (out / _leftover(marker)).exists() and not (out / marker).exists():
+        raise RunError(f"Cannot resume {out}: its {what} was stopped while writing its first "
+                       f"{marker}, so it never started. Start it again with the same command "
+                       f"without --resume (and --out {out}); the leftover is replaced.")
       reason = ("does not exist" if not out.exists() else
                 f"has no {marker} written by {RUNNER}")
       raise RunError(f"Cannot resume {out}: it {reason}, so it is not a {what} directory "
@@ -138,12 +151,17 @@ def _check(out: pathlib.Path, *, marker: str, resume: bool) -> None:
                       f"`python -m experiments.run --resume {out}` or choose another --out. "
                       "Nothing was written.")
   if out.is_dir():
-    others = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+    others = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_NAME, _leftover(marker)))
     if others:
       listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
       raise RunError(f"--out {out} is not empty ({listed}) and is not a {what} directory "
                         f"of {RUNNER} (no {marker} of its own); choose a new or empty "
                         "directory. Nothing was written.")
+
+
+def check_resumable(out: pathlib.Path, *, marker: str) -> None:
+  """Raises the :class:`RunError` :func:`claim` would for a resume of ``out`` (reads only)."""
+  _check(pathlib.Path(out), marker=marker, resume=True)
 
 
 @contextlib.contextmanager
@@ -185,6 +203,9 @@ def claim(out: pathlib.Path, *, marker: str, resume: bool) -> Iterator[pathlib.P
       raise RunError(f"{out} was claimed by another {RUNNER} process at the same moment; "
                         "try again.")
     _check(out, marker=marker, resume=resume)  # again under the lock: another run may have begun
+    if not (out / marker).exists():
+      with contextlib.suppress(FileNotFoundError):
+        (out / _leftover(marker)).unlink()
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     yield out

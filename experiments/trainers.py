@@ -15,23 +15,18 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import es_jax
 from es_jax.models import SCANNED_LAYERS
+from es_jax.replay import all_finite
 from experiments import components, grpo, likelihood, rollouts
 from experiments.components import Components
 from experiments.config import ExperimentConfig
 
 PyTree = Any
 State = dict[str, PyTree]
-
-
-def all_finite(params: PyTree) -> jax.Array:
-  """Whether every element of every leaf is finite (one fused reduction; a traced bool)."""
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(params)]))
 
 
 _all_finite = jax.jit(all_finite)

@@ -283,7 +283,7 @@ def test_answer_logprob_fitness_is_each_members_gold_answer_likelihood(assets):
   from experiments import likelihood
   config = apply_overrides(preset("smollm2_es"), [
       f"model.checkpoint={assets.checkpoint}", "task.num_train=5",
-      "task.prompts_per_iteration=3", "task.num_eval=1",
+      "task.prompts_per_iteration=3", "task.num_eval=1", "task.kl_prompts=1",
       "task.prior=none", "es.population=4", "es.sigma=0.3", "es.fitness=answer_logprob"])
   parts = components.build(config)
   trainer = make_trainer(parts, config)
@@ -371,7 +371,8 @@ def test_kl_penalty_on_the_likelihood_fitness_uses_the_members_own_completions(a
   from experiments import likelihood
   config = apply_overrides(preset("smollm2_es"), [
       f"model.checkpoint={assets.checkpoint}", "task.num_train=5", "task.prompts_per_iteration=3",
-      "task.num_eval=1", "task.prior=none", "es.population=4", "es.sigma=0.3", "es.kl_beta=0.5"])
+      "task.num_eval=1", "task.kl_prompts=1", "task.prior=none", "es.population=4",
+      "es.sigma=0.3", "es.kl_beta=0.5"])
   parts = components.build(config)
   trainer = make_trainer(parts, config)
   seen = {}

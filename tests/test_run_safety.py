@@ -381,3 +381,105 @@ def test_main_installs_the_silencing_hook(capsys):
     assert sys.unraisablehook.__name__ == "_drop_closed_event_loop"
   finally:
     sys.unraisablehook = hook
+
+
+# ----------------------------------------------------------------------------- a later audit
+# Each failed before its fix: a lost patch, dropped overrides, sizes and names that crashed
+# (or escaped --out) late, values float32 turns into 0 or inf, a directory a kill made unusable.
+
+
+def test_a_complete_run_killed_before_its_patch_writes_it_on_resume(run_copy, capsys):
+  written = (run_copy / "run.espatch").read_bytes()  # by the run itself, after its last save
+  (run_copy / "run.espatch").unlink()  # as if killed between the last checkpoint and the patch
+  assert run_lib.main(["--resume", str(run_copy), "--no-progress"]) == 0
+  assert "lacks run.espatch" in capsys.readouterr().err
+  assert (run_copy / "run.espatch").read_bytes() == written
+  assert [r["iteration"] for r in run_lib.read_metrics(run_copy)] == [0, 2]
+
+
+def test_a_complete_run_with_its_patch_does_nothing_on_resume(run_copy, capsys):
+  before = snapshot(run_copy)
+  assert run_lib.main(["--resume", str(run_copy), "--no-progress"]) == 0
+  assert "is complete at iteration 2" in capsys.readouterr().err
+  assert snapshot(run_copy) == before
+
+
+def test_every_repeated_set_applies(assets, tmp_path, monkeypatch):
+  monkeypatch.setattr(rollouts, "score", digit_share_reward)
+  out, first = tmp_path / "run", overrides(assets)
+  assert run_lib.main(["countdown_es", "--out", str(out), "--no-progress", "--set", *first[:4],
+                       "--set", *first[4:], "iterations=1", "--set=es.population=4",
+                       "--set", "es.chunk_size=2"]) == 0
+  stored = json.loads((out / "config.json").read_text())
+  assert stored["model"]["checkpoint"] == str(assets.checkpoint)
+  assert (stored["iterations"], stored["es"]["population"], stored["es"]["chunk_size"]) == (1, 4, 2)
+
+
+def test_a_preset_or_out_beside_resume_is_refused(run_copy, capsys):
+  for extra in (["countdown_es"], ["--out", str(run_copy)]):
+    with pytest.raises(SystemExit) as exit_:
+      run_lib.main(["--resume", str(run_copy), "--no-progress", *extra])
+    assert exit_.value.code == 2 and "--resume takes the run directory's own" in error_of(capsys)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("es.population=1000000000000", "es.population=1000000000000 is too large: at most 1048576"),
+    ("es.chunk_size=1000000000000", "es.chunk_size=1000000000000 is too large"),
+    ("task.max_new_tokens=1000000000000", "task.max_new_tokens=1000000000000 is too large"),
+    ("task.num_train=1000000000000", "task.num_train=1000000000000 is too large"),
+    ("prompt_batch=1000000000000", "prompt_batch=1000000000000 is too large"),
+    ("iterations=1000000000000", "iterations=1000000000000 is too large"),
+    (f"seed={2**70}", f"seed={2**70} is too large: at most {2**32 - 1}"),
+    (f"seed={2**32}", f"seed={2**32} is too large"),
+    ("seed=-1", "seed=-1 must be >= 0"),
+    ("grpo.group_size=1000000000000", "grpo.group_size=1000000000000 is too large"),
+    ("mitigation.norm_cap=1e-300", "mitigation.norm_cap=1e-300 is outside float32's range"),
+    ("es.sigma=1e-39", "es.sigma=1e-39 is outside float32's range"),
+    ("es.learning_rate=1e39", "es.learning_rate=1e\\+39 is outside float32's range"),
+    ("awd.strength=1e-320", "awd.strength=1e-320 is outside float32's range"),
+    ("task.kl_prompts=201", "task.kl_prompts=201 must be in \\[0, num_eval=200\\]"),
+    ("name=../x", "name='../x': use letters"), ("name=/tmp/x", "name='/tmp/x'"),
+    ("name=..", "name='..'"), ("name=", "name=''"),
+])
+def test_sizes_names_and_values_a_run_cannot_take_are_refused_up_front(override, message):
+  with pytest.raises(ValueError, match=message):
+    apply_overrides(preset("countdown_es"), [override])
+
+
+def test_a_size_too_large_is_refused_before_anything_is_written(assets, tmp_path, capsys):
+  out = tmp_path / "run"
+  assert run_lib.main(["countdown_es", "--out", str(out), "--no-progress", "--set",
+                       *overrides(assets), "es.population=1000000000000"]) == 2
+  assert "es.population=1000000000000 is too large" in error_of(capsys) and not out.exists()
+
+
+def test_a_sweep_whose_runs_share_a_name_is_refused_before_writing(assets, tmp_path, capsys):
+  out = tmp_path / "sweep"
+  assert run_lib.main(["awd_l1_sweep", "--out", str(out), "--no-progress", "--set",
+                       *overrides(assets), "name=same"]) == 2
+  assert "distinct names, but same names several" in error_of(capsys) and not out.exists()
+
+
+def test_a_run_killed_while_writing_its_first_config_starts_again(assets, tmp_path, capsys,
+                                                                   monkeypatch):
+  monkeypatch.setattr(rollouts, "score", digit_share_reward)
+  out = tmp_path / "run"
+  out.mkdir()
+  (out / ".lock").write_text("12345")
+  (out / "config.json.tmp").write_text('{"runner": "experi')  # the kill's leftovers
+  assert run_lib.main(["--resume", str(out), "--no-progress"]) == 2
+  assert "never started. Start it again with the same command without --resume" in error_of(capsys)
+  assert run_lib.main(["countdown_es", "--out", str(out), "--no-progress", "--set",
+                       *overrides(assets), "iterations=1"]) == 0
+  assert not (out / "config.json.tmp").exists()
+  assert json.loads((out / "config.json").read_text())["iterations"] == 1
+
+
+def test_other_leftovers_still_make_a_directory_foreign(tmp_path, capsys):
+  out = tmp_path / "run"
+  out.mkdir()
+  (out / "config.json.tmp").write_text("")
+  (out / "notes.txt").write_text("mine")
+  assert run_lib.main(["countdown_es", "--out", str(out), "--no-progress"]) == 2
+  assert "is not empty (notes.txt)" in error_of(capsys)
+  assert (out / "config.json.tmp").exists() and (out / "notes.txt").read_text() == "mine"
