@@ -58,18 +58,18 @@ __all__ = [
     "member_params",
     "perturb",
     "shaping",
-    # issue 11: the lower-level modules, public (noise draws, the population mesh axis)
+    # the lower-level modules, public (noise draws, the population mesh axis)
     "noise",
     "population_rewards",
     "sharding",
     "z_score",
-    # issue 12: mitigations, per-prompt centring
+    # forgetting mitigations, per-prompt centring
     "AnchoredNormCapState",
     "SparsifiedUpdatesState",
     "anchored_norm_cap",
     "per_prompt_centering",
     "sparsified_updates",
-    # issue 12: ES patches
+    # ES patches: a run as its fitness history
     "AwdRecipe",
     "EsRecipe",
     "EsStepRecipe",

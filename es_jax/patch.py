@@ -198,9 +198,10 @@ class Patch:
         raise ValueError(f"population {population} differs from its recipe's population "
                          f"{recipe.es.population}.")
       base = header["base"]
-      tensors = tuple((str(p), str(d), tuple(_checks.integer(f"a dimension of base tensor {p!r}",
-                                                              n, minimum=0) for n in s))
-                      for p, d, s in base["tensors"])
+      tensors = tuple(
+          (str(p), str(d), tuple(_checks.integer(f"a dimension of base tensor {p!r}", n, minimum=0)
+                                 for n in s))
+          for p, d, s in base["tensors"])
       base_sha256, metadata, recipe_sha256 = (str(base["sha256"]), header["metadata"],
                                               header["recipe_sha256"])
       if not isinstance(metadata, dict):

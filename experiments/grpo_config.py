@@ -13,7 +13,7 @@ import math
 import numpy as np
 import optax
 
-from experiments.validation import check_numbers
+from experiments.validation import check, check_numbers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,33 +64,28 @@ class GrpoConfig:
   micro_batches: int = 1
 
   def __post_init__(self):
-    def fail(name, rule, hint=""):
-      value = getattr(self, name)
-      if isinstance(value, float) and math.isinf(value):
-        return  # named with its section by check_numbers below
-      raise ValueError(f"{name} must be {rule}{hint}, got {value!r}.")
-
     is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-    if not is_int(self.group_size) or self.group_size < 2:
-      fail("group_size", "an int >= 2", " (advantages compare completions of one prompt)")
-    if not is_int(self.prompts_per_iteration) or self.prompts_per_iteration < 1:
-      fail("prompts_per_iteration", "an int >= 1")
-    if not 0 < self.clip_eps < 1:
-      fail("clip_eps", "in (0, 1)", " (0.2 is the usual value)")
-    if not self.kl_beta >= 0:  # also rejects NaN
-      fail("kl_beta", ">= 0", " (0 disables the KL penalty)")
-    if not self.learning_rate > 0:
-      fail("learning_rate", "> 0")
-    if not self.temperature > 0:
-      fail("temperature", "> 0", " (GRPO samples; greedy decoding gives identical groups)")
-    if not is_int(self.num_inner_steps) or self.num_inner_steps < 1:
-      fail("num_inner_steps", "an int >= 1", " (1 = on-policy)")
-    if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-      fail("max_grad_norm", "> 0 or None", " (None disables clipping)")
-    if not self.adv_eps > 0:
-      fail("adv_eps", "> 0", " (it keeps all-equal groups finite)")
-    if not is_int(self.micro_batches) or self.micro_batches < 1:
-      fail("micro_batches", "an int >= 1", " (1 = the whole batch at once)")
+    for name, ok, rule, hint in (
+        ("group_size", is_int(self.group_size) and self.group_size >= 2, "an int >= 2",
+         " (advantages compare completions of one prompt)"),
+        ("prompts_per_iteration", is_int(self.prompts_per_iteration)
+         and self.prompts_per_iteration >= 1, "an int >= 1", ""),
+        ("clip_eps", 0 < self.clip_eps < 1, "in (0, 1)", " (0.2 is the usual value)"),
+        ("kl_beta", self.kl_beta >= 0, ">= 0", " (0 disables the KL penalty)"),
+        ("learning_rate", self.learning_rate > 0, "> 0", ""),
+        ("temperature", self.temperature > 0, "> 0",
+         " (GRPO samples; greedy decoding gives identical groups)"),
+        ("num_inner_steps", is_int(self.num_inner_steps) and self.num_inner_steps >= 1,
+         "an int >= 1", " (1 = on-policy)"),
+        ("max_grad_norm", self.max_grad_norm is None or self.max_grad_norm > 0, "> 0 or None",
+         " (None disables clipping)"),
+        ("adv_eps", self.adv_eps > 0, "> 0", " (it keeps all-equal groups finite)"),
+        ("micro_batches", is_int(self.micro_batches) and self.micro_batches >= 1, "an int >= 1",
+         " (1 = the whole batch at once)")):
+      value = getattr(self, name)
+      # An inf is left to check_numbers, whose message names it with its section.
+      check(ok or (isinstance(value, float) and math.isinf(value)),
+            f"{name} must be {rule}{hint}, got {value!r}.")
     check_numbers(self, "grpo.")
 
   def optimizer(self) -> optax.GradientTransformation:

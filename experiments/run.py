@@ -57,6 +57,7 @@ import numpy as np
 from tqdm import tqdm
 
 import es_jax
+from es_jax.sharding import POP_AXIS
 
 from experiments import components, config as config_lib, evaluate, plots, rundir, summary
 from experiments.checkpointing import (RunCheckpointError, RunCheckpointer,
@@ -104,7 +105,7 @@ def mesh_for(config: ExperimentConfig):
     raise ValueError(f"pop_devices={n} but only {jax.device_count()} devices are visible")
   if n == 1:
     return contextlib.nullcontext()
-  return jax.set_mesh(jax.make_mesh((n,), ("pop",), devices=jax.devices()[:n]))
+  return jax.set_mesh(jax.make_mesh((n,), (POP_AXIS,), devices=jax.devices()[:n]))
 
 
 def _write_metrics(path: pathlib.Path, records: Sequence[Record]) -> None:
@@ -339,7 +340,7 @@ def run_sweep(configs: Sequence[ExperimentConfig], out: pathlib.Path, *, resume:
   with rundir.claim(out, marker="sweep.json", resume=resume):
     if not resume:
       rundir.write_json(out / "sweep.json", rundir.mark({"sweep": sweep,
-                                                          "overrides": list(overrides)}))
+                                                         "overrides": list(overrides)}))
     results, baselines = {}, {}
     for config in configs:
       run_dir = out / config.name

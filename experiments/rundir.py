@@ -95,17 +95,17 @@ def read_json(path: pathlib.Path, *, expect_runner: bool = False) -> Any:
     content = json.loads(path.read_text(encoding="utf-8"))
   except (json.JSONDecodeError, UnicodeDecodeError) as error:
     raise RunError(f"{path} is not valid JSON ({error}); it was not written whole by "
-                      "experiments.run. Restore it from a copy or rewrite it; the checkpoints "
-                      "beside it are untouched.") from None
+                   "experiments.run. Restore it from a copy or rewrite it; the checkpoints "
+                   "beside it are untouched.") from None
   if expect_runner:
     if not (isinstance(content, dict) and content.get("runner") == RUNNER):
       raise RunError(f"{path} was not written by {RUNNER} (it has no \"runner\": "
-                        f"\"{RUNNER}\" field), so {path.parent} is not one of its run "
-                        "directories.")
+                     f"\"{RUNNER}\" field), so {path.parent} is not one of its run "
+                     "directories.")
     if content.get("runner_format") != FORMAT:
       raise RunError(f"{path} has runner_format {content.get('runner_format')!r}; this "
-                        f"version of {RUNNER} reads format {FORMAT}. Use the version that "
-                        "wrote it.")
+                     f"version of {RUNNER} reads format {FORMAT}. Use the version that "
+                     "wrote it.")
     content = {k: v for k, v in content.items() if k not in ("runner", "runner_format")}
   return content
 
@@ -133,7 +133,7 @@ def _check(out: pathlib.Path, *, marker: str, resume: bool) -> None:
   what = "sweep" if marker == "sweep.json" else "run"
   if out.exists() and not out.is_dir():
     raise RunError(f"--out {out} is a file, not a directory; choose a directory (new or "
-                      "empty) for the run.")
+                   "empty) for the run.")
   ours = out.is_dir() and is_claimed_by_runner(out, marker)
   if resume:
     if not ours:
@@ -144,19 +144,19 @@ def _check(out: pathlib.Path, *, marker: str, resume: bool) -> None:
       reason = ("does not exist" if not out.exists() else
                 f"has no {marker} written by {RUNNER}")
       raise RunError(f"Cannot resume {out}: it {reason}, so it is not a {what} directory "
-                        f"of {RUNNER}.")
+                     f"of {RUNNER}.")
     return
   if ours:
     raise RunError(f"{out} already holds a {what} of {RUNNER}; resume it with "
-                      f"`python -m experiments.run --resume {out}` or choose another --out. "
-                      "Nothing was written.")
+                   f"`python -m experiments.run --resume {out}` or choose another --out. "
+                   "Nothing was written.")
   if out.is_dir():
     others = sorted(p.name for p in out.iterdir() if p.name not in (LOCK_NAME, _leftover(marker)))
     if others:
       listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
       raise RunError(f"--out {out} is not empty ({listed}) and is not a {what} directory "
-                        f"of {RUNNER} (no {marker} of its own); choose a new or empty "
-                        "directory. Nothing was written.")
+                     f"of {RUNNER} (no {marker} of its own); choose a new or empty "
+                     "directory. Nothing was written.")
 
 
 def check_resumable(out: pathlib.Path, *, marker: str) -> None:
@@ -193,15 +193,15 @@ def claim(out: pathlib.Path, *, marker: str, resume: bool) -> Iterator[pathlib.P
       created_lock = created_dir = False  # the lock and the directory are the other runner's
       holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
       raise RunError(f"{out} is in use by another {RUNNER} process (pid {holder}, holding "
-                        f"{lock_path}); wait for it to end or choose another --out. Nothing "
-                        "was written.") from None
+                     f"{lock_path}); wait for it to end or choose another --out. Nothing "
+                     "was written.") from None
     locked = True
     # A failed claim may have unlinked the lock file between our open and our flock: a lock
     # on a file no longer at lock_path locks nothing.
     if not (lock_path.exists() and os.path.samestat(os.fstat(fd), os.stat(lock_path))):
       created_lock = created_dir = False
       raise RunError(f"{out} was claimed by another {RUNNER} process at the same moment; "
-                        "try again.")
+                     "try again.")
     _check(out, marker=marker, resume=resume)  # again under the lock: another run may have begun
     if not (out / marker).exists():
       with contextlib.suppress(FileNotFoundError):

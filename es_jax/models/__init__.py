@@ -40,6 +40,7 @@ from es_jax.models.decoding import decode_population
 from es_jax.models.decoding import sample_token
 from es_jax.models.generate import completion_texts
 from es_jax.models.generate import encode_prompts
+from es_jax.models.generate import eos_ids_of
 from es_jax.models.generate import generate_text
 from es_jax.models.generate import generate_text_population
 from es_jax.models.gguf import GGUFError
@@ -79,6 +80,7 @@ __all__ = [
     "decode",
     "decode_population",
     "encode_prompts",
+    "eos_ids_of",
     "generate_text",
     "generate_text_population",
     "init_cache",

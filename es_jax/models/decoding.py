@@ -195,9 +195,9 @@ def _key(key, temperature):
 
 
 def decode(model: Transformer, params: PyTree, input_ids, attention_mask, *,
-             max_new_tokens: int, noise: PyTree | None = None, key: jax.Array | None = None,
-             temperature: float = 0.0, top_p: float = 1.0,
-             eos_ids: Sequence[int] | None = None, pad_id: int | None = None) -> DecodeOutput:
+           max_new_tokens: int, noise: PyTree | None = None, key: jax.Array | None = None,
+           temperature: float = 0.0, top_p: float = 1.0,
+           eos_ids: Sequence[int] | None = None, pad_id: int | None = None) -> DecodeOutput:
   """Decodes a left-padded batch of prompts with a KV cache (jit-compiled once per shape).
 
   Args:
@@ -236,10 +236,10 @@ def decode(model: Transformer, params: PyTree, input_ids, attention_mask, *,
 
 
 def decode_population(model: Transformer, params: PyTree, noise: PyTree, input_ids,
-                        attention_mask, *, max_new_tokens: int, key: jax.Array | None = None,
-                        temperature: float = 0.0, top_p: float = 1.0,
-                        eos_ids: Sequence[int] | None = None,
-                        pad_id: int | None = None) -> DecodeOutput:
+                      attention_mask, *, max_new_tokens: int, key: jax.Array | None = None,
+                      temperature: float = 0.0, top_p: float = 1.0,
+                      eos_ids: Sequence[int] | None = None,
+                      pad_id: int | None = None) -> DecodeOutput:
   """Decodes the same prompts for every member of a population at once.
 
   ``noise`` stacks the members' perturbations on a leading axis, e.g.

@@ -94,7 +94,7 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[Any], *, chat_template: boo
 
 
 def completion_texts(tokenizer: Any, tokens, lengths, eos_ids: Sequence[int] = (),
-                       stop: Sequence[str] = ()) -> list[str]:
+                     stop: Sequence[str] = ()) -> list[str]:
   """Text of each row: tokens up to (not including) EOS, cut before the first stop string.
 
   Example:
@@ -118,7 +118,11 @@ def completion_texts(tokenizer: Any, tokens, lengths, eos_ids: Sequence[int] = (
   return texts
 
 
-def _eos_ids(model, tokenizer, eos_ids):
+def eos_ids_of(model: Transformer, tokenizer: Any,
+               eos_ids: Sequence[int] | None = None) -> tuple[int, ...]:
+  """The tokens that end a completion: ``eos_ids`` if given, else the model config's
+  and the tokenizer's end-of-sequence ids together (a chat model may end a turn on either).
+  """
   if eos_ids is not None:
     return tuple(eos_ids)
   ids = list(model.config.eos_token_ids)
@@ -161,9 +165,9 @@ def generate_text(model: Transformer, params: PyTree, tokenizer: Any, prompts: S
   """
   ids, mask = encode_prompts(tokenizer, prompts, chat_template=chat_template,
                              pad_to_multiple=pad_to_multiple)
-  eos = _eos_ids(model, tokenizer, eos_ids)
+  eos = eos_ids_of(model, tokenizer, eos_ids)
   out = decode(model, params, ids, mask, noise=noise, max_new_tokens=max_new_tokens, key=key,
-                 temperature=temperature, top_p=top_p, eos_ids=eos)
+               temperature=temperature, top_p=top_p, eos_ids=eos)
   return completion_texts(tokenizer, out.tokens, out.lengths, eos, stop)
 
 
@@ -185,8 +189,8 @@ def generate_text_population(model: Transformer, params: PyTree, tokenizer: Any,
   """
   ids, mask = encode_prompts(tokenizer, prompts, chat_template=chat_template,
                              pad_to_multiple=pad_to_multiple)
-  eos = _eos_ids(model, tokenizer, eos_ids)
+  eos = eos_ids_of(model, tokenizer, eos_ids)
   out = decode_population(model, params, noise, ids, mask, max_new_tokens=max_new_tokens,
-                            key=key, temperature=temperature, top_p=top_p, eos_ids=eos)
+                          key=key, temperature=temperature, top_p=top_p, eos_ids=eos)
   tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
   return [completion_texts(tokenizer, t, n, eos, stop) for t, n in zip(tokens, lengths)]

@@ -13,8 +13,7 @@ on any mesh.
 
 Example::
 
-  from es_jax import noise
-from es_jax.sharding import POP_AXIS, place_population
+  from es_jax.sharding import POP_AXIS, place_population
   mesh = jax.make_mesh((2, 4), (POP_AXIS, MODEL_AXIS))
   with jax.set_mesh(mesh):
     params = shard_params(params, mesh)
