@@ -155,9 +155,10 @@ def test_registry():
   assert isinstance(get_task("countdown"), CountdownTask)
   assert get_task("GSM8K", mode="strict").mode == "strict"
   assert get_task("hellaswag", protocol="generative").protocol == "generative"
-  with pytest.raises(ValueError, match="unknown task 'mmlu'; known tasks: arithmetic, "
-                                       "countdown, gsm8k, hellaswag"):
-    get_task("mmlu")
+  with pytest.raises(ValueError, match="unknown task 'squad'; known tasks: arc_challenge, "
+                                       "arc_easy, arithmetic, countdown, gsm8k, hellaswag, mmlu, "
+                                       "mmlu_pro, piqa, winogrande"):
+    get_task("squad")
   with pytest.raises(ValueError, match="bad options for task 'gsm8k'"):
     get_task("gsm8k", protocol="generative")
 

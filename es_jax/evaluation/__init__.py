@@ -61,6 +61,14 @@ from es_jax.evaluation.hellaswag import (
 )
 from es_jax.evaluation.loglik import (ChoiceLoglik, LogitsFn, TokenLogprobsFn, encode_pair,
                                       score_continuations)
+from es_jax.evaluation.multiple_choice import (
+    MultipleChoiceExample,
+    MultipleChoiceTask,
+    choice_margin,
+    parse_option_letter,
+    parse_option_number,
+)
+from es_jax.evaluation.paired import PairedChange, detectable_multiple, paired_change, suite_change
 from es_jax.evaluation.registry import TASKS, get_task
 from es_jax.evaluation.runner import (
     EvalRecord,
@@ -80,11 +88,22 @@ from es_jax.evaluation.safe_arith import (
     evaluate as evaluate_expression,
     try_evaluate as try_evaluate_expression,
 )
+from es_jax.evaluation.suite import (
+    PRIOR_SUITE,
+    ARCChallengeTask,
+    ARCEasyTask,
+    MMLUProTask,
+    MMLUTask,
+    PIQATask,
+    WinoGrandeTask,
+)
 
 __all__ = [
+    "ARCChallengeTask",
+    "ARCEasyTask",
+    "ArithLimits",
     "ArithmeticExample",
     "ArithmeticTask",
-    "ArithLimits",
     "ChoiceLoglik",
     "CountdownExample",
     "CountdownReward",
@@ -104,18 +123,29 @@ __all__ = [
     "HellaSwagTask",
     "LogitsFn",
     "LoglikTask",
+    "MMLUProTask",
+    "MMLUTask",
+    "MultipleChoiceExample",
+    "MultipleChoiceTask",
+    "PIQATask",
+    "PRIOR_SUITE",
+    "PairedChange",
     "PopulationEvalResult",
     "PopulationGenerator",
     "Scored",
     "TASKS",
     "TensorDrift",
+    "TokenLogprobsFn",
     "UnsafeExpressionError",
+    "WinoGrandeTask",
     "arithmetic_reward",
     "assign_group",
     "chat_prompt",
+    "choice_margin",
     "countdown_prompt",
     "countdown_reward",
     "countdown_reward_parts",
+    "detectable_multiple",
     "drift_report",
     "encode_pair",
     "evaluate_expression",
@@ -135,14 +165,17 @@ __all__ = [
     "masked_kl_sum",
     "mean_token_kl",
     "numbers_match",
+    "paired_change",
     "parse_choice",
     "parse_number",
+    "parse_option_letter",
+    "parse_option_number",
     "per_token_kl",
     "preprocess",
     "score_continuations",
-    "TokenLogprobsFn",
     "select_indices",
     "solve",
+    "suite_change",
     "summarize",
     "try_evaluate_expression",
 ]

@@ -9,6 +9,10 @@
   and four numbered options and answers with a number; decoding is greedy and
   the first ASCII digit of the output is the answer.
 
+The log-likelihood protocol also reports ``margin`` and ``margin_norm``, the
+continuous counterparts of ``acc`` and ``acc_norm``
+(:func:`~es_jax.evaluation.multiple_choice.choice_margin`).
+
 When a row has ``ctx_a``/``ctx_b`` (the hub version), the context is
 ``ctx_a + " " + ctx_b.capitalize()`` as in lm-eval; otherwise ``ctx``.
 """
@@ -19,13 +23,14 @@ import dataclasses
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from es_jax.evaluation import data
 from es_jax.evaluation.base import Scored, chat_prompt
 from es_jax.evaluation.loglik import ChoiceLoglik
+from es_jax.evaluation.multiple_choice import choice_margin
 
 HellaSwagProtocol = Literal["loglik", "generative"]
 PROTOCOLS: tuple[str, ...] = ("loglik", "generative")
@@ -184,6 +189,8 @@ class HellaSwagTask:
   """
   protocol: HellaSwagProtocol = "loglik"
   name: str = "hellaswag"
+  # The loglik metric that ``accuracy`` is, as for the suite's tasks (MultipleChoiceTask).
+  headline: ClassVar[str] = "acc_norm"
 
   def __post_init__(self):
     if self.protocol not in PROTOCOLS:
@@ -225,11 +232,15 @@ class HellaSwagTask:
 
   def score_logliks(self, example: HellaSwagExample,
                     logliks: Sequence[ChoiceLoglik]) -> Scored:
-    """``acc`` and ``acc_norm`` (per-character normalised by the ending's length)."""
+    """``acc`` and ``acc_norm`` (per-character normalised by the ending's length), and
+    their margins: the gold ending's score minus the best other's."""
     lengths = [max(len(choice), 1) for choice in choices(example)]
-    pred, pred_norm = loglik_predictions([ll.sum_logprob for ll in logliks], lengths)
+    lls = [ll.sum_logprob for ll in logliks]
+    pred, pred_norm = loglik_predictions(lls, lengths)
     acc = float(pred == example.label)
     acc_norm = float(pred_norm == example.label)
+    per_char = np.asarray(lls, np.float64) / np.asarray(lengths, np.float64)
     return Scored(prediction=str(pred), target=str(example.label),
                   metrics={"reward": acc_norm, "accuracy": acc_norm, "acc": acc,
-                           "acc_norm": acc_norm})
+                           "acc_norm": acc_norm, "margin": choice_margin(lls, example.label),
+                           "margin_norm": choice_margin(per_char, example.label)})
