@@ -9,20 +9,25 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
 
 from es_jax.evaluation import get_task
-from es_jax.models import Transformer, encode_prompts, load_model, load_tokenizer
+from es_jax.models import (Transformer, encode_prompts, eos_ids_of, load_model,
+                           load_tokenizer)
+from experiments import prior_suite
 from experiments.config import ExperimentConfig
 
 PyTree = Any
 # Countdown has no public split to hold out: a disjoint generator seed makes the eval set.
 EVAL_SEED_OFFSET = 10_000
-# task.prior_source=shipped: the HellaSwag subset shipped for machines without a hub.
-SHIPPED_HELLASWAG = pathlib.Path(__file__).parent / "data" / "hellaswag_validation_1000.jsonl.gz"
+# task.prior_source=shipped: the subsets shipped for machines without a hub (see data/README.md).
+SHIPPED_PRIOR = {"hellaswag": pathlib.Path(__file__).parent / "data" /
+                 "hellaswag_validation_1000.jsonl.gz"}
+# The seed of the num_prior items drawn from a data root or the hub (select_indices).
+PRIOR_SUBSET_SEED = 0
 GENERATED_TARGETS = ("countdown", "arithmetic")
 
 
@@ -55,6 +60,14 @@ class PromptSet:
       yield chunk, self.input_ids[filled], self.attention_mask[filled]
 
 
+class Prior(NamedTuple):
+  """One prior task (watched for forgetting) and the items it is scored on."""
+  name: str
+  task: Any
+  examples: tuple[Any, ...]
+  source: str  # for messages: where the items came from
+
+
 @dataclasses.dataclass(frozen=True)
 class Components:
   """Everything a run needs besides its training state."""
@@ -64,13 +77,11 @@ class Components:
   target_task: Any
   train: PromptSet
   held_out: PromptSet
-  prior_task: Any | None
-  prior_examples: tuple[Any, ...]
+  priors: tuple[Prior, ...]
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
-    ids = tuple(self.model.config.eos_token_ids)
-    return ids or (self.tokenizer.eos_token_id,)
+    return eos_ids_of(self.model, self.tokenizer)
 
 
 def encode(task: Any, examples: Sequence[Any], tokenizer: Any, chat_template: bool) -> PromptSet:
@@ -86,10 +97,40 @@ def target_task(config: ExperimentConfig) -> Any:
   return get_task(config.task.target, **options)
 
 
-def prior_source(config: ExperimentConfig) -> str | None:
-  """``task.prior_source`` with ``shipped`` resolved to the subset's path."""
-  source = config.task.prior_source
-  return str(SHIPPED_HELLASWAG) if source == "shipped" else source
+def load_priors(config: ExperimentConfig) -> tuple[Prior, ...]:
+  """The prior tasks of ``task.prior`` with their items (see ``TaskSpec.prior_source``).
+
+  Raises:
+    ValueError: a file given for several tasks, or ``shipped`` for a task with
+      no shipped subset.
+  """
+  t = config.task
+  names, source = t.prior_tasks, t.prior_source
+  is_root = source not in (None, "shipped") and pathlib.Path(source).is_dir()
+  if source not in (None, "shipped") and not is_root and len(names) > 1:
+    raise ValueError(f"task.prior_source={source!r} is one file, but task.prior={t.prior!r} "
+                     "names several tasks; give a data root directory in the layout of "
+                     "../shared/data (or shipped, or none for the hub)")
+  priors = []
+  for name in names:
+    task = get_task(name, protocol=t.prior_protocol)
+    options: dict[str, Any] = {}
+    if source == "shipped":
+      if name not in SHIPPED_PRIOR:
+        raise ValueError(f"task.prior_source=shipped, but no subset of {name} is shipped (only "
+                         f"{', '.join(SHIPPED_PRIOR)}); give a data root directory instead")
+      where = str(SHIPPED_PRIOR[name])  # a random draw already: its first items
+    elif is_root or source is None:
+      where = None if source is None else str(pathlib.Path(source) / prior_suite.LOCAL_FILES[name])
+      # A fixed random subset: MMLU's files, say, are stored subject by subject.
+      options["seed"] = PRIOR_SUBSET_SEED
+      if name == "mmlu_pro" and where is not None and t.prior_protocol == "generative":
+        options["fewshot_source"] = str(pathlib.Path(source) / prior_suite.MMLU_PRO_FEWSHOT)
+    else:
+      where = source
+    examples = tuple(task.load(where, limit=t.num_prior, **options))
+    priors.append(Prior(name, task, examples, where or f"the hub's {name}"))
+  return tuple(priors)
 
 
 def load_examples(config: ExperimentConfig) -> tuple[list[Any], list[Any]]:
@@ -106,7 +147,7 @@ def load_examples(config: ExperimentConfig) -> tuple[list[Any], list[Any]]:
 
 
 def check_sizes(config: ExperimentConfig, train: Sequence[Any], held_out: Sequence[Any],
-                prior_examples: Sequence[Any]) -> None:
+                priors: Sequence[Prior] = ()) -> None:
   """Refuses data with fewer examples than the config asks for, naming the field and the file.
 
   The loaders keep at most ``num_*`` rows, so a short file would otherwise give
@@ -115,23 +156,22 @@ def check_sizes(config: ExperimentConfig, train: Sequence[Any], held_out: Sequen
 
   Example:
     >>> from experiments.config import preset
-    >>> check_sizes(preset("countdown_es"), [0] * 200, [], [0] * 500)
+    >>> check_sizes(preset("countdown_es"), [0] * 200, [])
     Traceback (most recent call last):
     ValueError: task.num_eval=200 but the eval data (generated countdown problems) is empty; give task.eval_source with at least 200 examples, or lower task.num_eval
   """
   t = config.task
-  checks = [("num_train", "train_source", "train", train),
-            ("num_eval", "eval_source", "eval", held_out)]
-  if t.prior != "none":
-    checks.append(("num_prior", "prior_source", "prior", prior_examples))
-  for field, source_field, what, examples in checks:
-    wanted, source = getattr(t, field), getattr(t, source_field)
+  checks = [("num_train", "train_source", "train", train, t.train_source),
+            ("num_eval", "eval_source", "eval", held_out, t.eval_source)]
+  checks += [("num_prior", "prior_source", f"{p.name} prior", p.examples, p.source)
+             for p in priors]
+  for field, source_field, what, examples, source in checks:
+    wanted = getattr(t, field)
     if len(examples) >= wanted:
       continue
     if source is None:
-      source = (f"generated {t.target} problems"
-                if what != "prior" and t.target in GENERATED_TARGETS
-                else f"the hub's default {t.prior if what == 'prior' else t.target} data")
+      source = (f"generated {t.target} problems" if t.target in GENERATED_TARGETS
+                else f"the hub's default {t.target} data")
     found = "is empty" if not examples else f"has only {len(examples)}"
     raise ValueError(
         f"task.{field}={wanted} but the {what} data ({source}) {found}"
@@ -149,18 +189,15 @@ def build(config: ExperimentConfig) -> Components:
   """
   target = target_task(config)
   train, held_out = load_examples(config)
-  prior_task, prior_examples = None, ()
-  if config.task.prior == "hellaswag":
-    prior_task = get_task("hellaswag", protocol=config.task.prior_protocol)
-    prior_examples = tuple(prior_task.load(prior_source(config), limit=config.task.num_prior))
-  check_sizes(config, train, held_out, prior_examples)
+  priors = load_priors(config)
+  check_sizes(config, train, held_out, priors)
   model, params = load_model(config.model.checkpoint, dtype=jnp.dtype(config.model.dtype),
                              param_dtype=jnp.dtype(config.model.param_dtype),
                              scan_layers=config.model.scan_layers)
   tokenizer = load_tokenizer(config.model.checkpoint)
   chat = config.model.chat_template
   return Components(model, params, tokenizer, target, encode(target, train, tokenizer, chat),
-                    encode(target, held_out, tokenizer, chat), prior_task, prior_examples)
+                    encode(target, held_out, tokenizer, chat), priors)
 
 
 def prompt_indices(config: ExperimentConfig, iteration: int) -> tuple[np.ndarray, int]:

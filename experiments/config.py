@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from es_jax import recipe
+from es_jax.evaluation import PRIOR_SUITE
 from experiments.grpo_config import GrpoConfig
 from experiments.validation import check as _check
 from experiments.validation import check_numbers as _check_numbers
@@ -97,12 +98,18 @@ class TaskSpec:
       iteration; None = all ``num_train`` (the papers' ES).
     eval_source: held-out target-task data (None: generated / hub test split).
     num_eval: held-out target-task prompts scored every ``eval_every``.
-    prior: ``hellaswag`` or ``none``.
-    prior_source: HellaSwag hub name or local ``.jsonl(.gz)`` (None: the hub);
-      ``shipped``: the 1000-item validation subset in ``experiments/data/``, for
-      machines without a hub.
+    prior: the prior tasks watched for forgetting: ``none``, one name of
+      :data:`es_jax.evaluation.PRIOR_SUITE` (``hellaswag``, ``piqa``,
+      ``arc_easy``, ``arc_challenge``, ``mmlu``, ``mmlu_pro``, ``winogrande``)
+      or several, comma-separated (``hellaswag,piqa,arc_easy``).
+    prior_source: where they load from. None: the hub, a fixed random subset
+      of ``num_prior`` items per task; a directory: a data root in the layout
+      of ``../shared/data`` (:data:`experiments.prior_suite.LOCAL_FILES`), the
+      same subsets; a file (one prior task only): its first ``num_prior``
+      items; ``shipped``: the subsets in ``experiments/data/`` (HellaSwag's
+      1000 validation items), for machines without a hub.
     prior_protocol: ``loglik`` (lm-eval) or ``generative`` (numbered choice).
-    num_prior: HellaSwag items scored every ``eval_every``.
+    num_prior: items of each prior task scored every ``eval_every``.
     kl_prompts: target-task eval prompts on which KL to the base model is measured.
     max_new_tokens: decode budget per completion.
     shots: solved problems shown before each plain prompt (``arithmetic`` only;
@@ -134,12 +141,16 @@ class TaskSpec:
            f"task.shots={self.shots} is an option of task.target=arithmetic only; "
            f"set task.shots=0 for {self.target!r}")
     _check(self.target in TARGETS, f"task.target={self.target!r}: use one of {TARGETS}")
-    _check(self.prior in ("hellaswag", "none"), f"task.prior={self.prior!r}: use hellaswag or none")
+    unknown = [name for name in self.prior_tasks if name not in PRIOR_SUITE]
+    _check(isinstance(self.prior, str) and not unknown
+           and len(set(self.prior_tasks)) == len(self.prior_tasks),
+           f"task.prior={self.prior!r}: use none, or one or more (comma-separated, each once) of "
+           f"{', '.join(PRIOR_SUITE)}")
     _check(self.prior_protocol in ("loglik", "generative"),
            f"task.prior_protocol={self.prior_protocol!r}: use loglik or generative")
     for name in ("num_train", "num_eval", "max_new_tokens"):
       _check(getattr(self, name) >= 1, f"task.{name}={getattr(self, name)} must be >= 1")
-    _check(self.prior == "none" or self.num_prior >= 1,
+    _check(not self.prior_tasks or self.num_prior >= 1,
            f"task.num_prior={self.num_prior} must be >= 1 with task.prior={self.prior!r} "
            "(or set task.prior=none)")
     _check(0 <= self.kl_prompts <= self.num_eval,
@@ -148,6 +159,14 @@ class TaskSpec:
     _check(self.prompts_per_iteration is None or 1 <= self.prompts_per_iteration <= self.num_train,
            f"task.prompts_per_iteration={self.prompts_per_iteration} must be in "
            f"[1, num_train={self.num_train}] or None (all)")
+
+
+  @property
+  def prior_tasks(self) -> tuple[str, ...]:
+    """The names in ``prior`` (empty for ``none``)."""
+    if not isinstance(self.prior, str) or self.prior == "none":
+      return ()
+    return tuple(name.strip() for name in self.prior.split(","))
 
 
 @dataclasses.dataclass(frozen=True)

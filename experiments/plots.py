@@ -31,13 +31,46 @@ def _lines(ax, runs: Records, key: str, title: str, xlabel: str = "iteration") -
     ax.legend(fontsize="small")
 
 
+def _prior_bands(ax, runs: Records, task: str) -> None:
+  """Each run's accuracy on ``task`` over iterations, with a band of +-1 paired SE of its
+  change since the run's first record (the items are the same, so the change is what is
+  measured; the band is 0 wide at the first record)."""
+  for name, records in runs.items():
+    scored = [r for r in records if task in summary.prior_items(r)]
+    if not scored:
+      continue
+    changes = [summary.prior_changes(scored[0], r).get(task) for r in scored]
+    points = [(r["iteration"], c["accuracy"]) for r, c in zip(scored, changes) if c]
+    if not points:
+      continue
+    x = np.array([i for i, _ in points])
+    y = np.array([c.after for _, c in points])
+    se = np.nan_to_num(np.array([c.se for _, c in points]))
+    line, = ax.plot(x, y, marker="o", ms=3, label=name)
+    ax.fill_between(x, y - se, y + se, color=line.get_color(), alpha=0.2, linewidth=0)
+  ax.set_title(f"prior task: {task} (band: paired SE of the change)")
+  ax.set_xlabel("iteration")
+  ax.grid(alpha=0.3)
+  if len(runs) > 1:
+    ax.legend(fontsize="small")
+
+
 def forgetting_curves(runs: Records) -> Figure:
-  fig = Figure(figsize=(15, 4), layout="constrained")
-  for ax, (key, title) in zip(fig.subplots(1, 3), (
-      ("target_accuracy", "target-task accuracy (held out, greedy)"),
-      ("prior_accuracy", "prior-task accuracy (HellaSwag)"),
-      ("kl_to_base", "KL(pi_theta || pi_0) per token"))):
+  """Target task and KL to base, then one panel per prior task."""
+  tasks = list(dict.fromkeys(task for records in runs.values() for r in records
+                             for task in summary.prior_items(r)))
+  panels = 2 + len(tasks)
+  cols = min(panels, 3)
+  rows = -(-panels // cols)
+  fig = Figure(figsize=(5 * cols, 4 * rows), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(rows, cols)).reshape(-1)
+  for ax, (key, title) in zip(axes, (("target_accuracy", "target-task accuracy (held out, greedy)"),
+                                     ("kl_to_base", "KL(pi_theta || pi_0) per token"))):
     _lines(ax, runs, key, title)
+  for ax, task in zip(axes[2:], tasks):
+    _prior_bands(ax, runs, task)
+  for ax in axes[panels:]:
+    ax.set_axis_off()
   return fig
 
 
@@ -70,14 +103,13 @@ def pareto(runs: Records) -> Figure:
     x = [r["target_reward"] for r in scored]
     y = [r["prior_accuracy"] for r in scored]
     line, = ax.plot(x, y, marker="o", ms=3, alpha=0.5)
-    first, last = scored[0].get("prior_correct"), scored[-1].get("prior_correct")
-    se = (summary.paired_change(first, last)[1]
-          if first and last and len(first) == len(last) and len(scored) > 1 else None)
+    suite = summary.suite_changes(summary.prior_changes(scored[0], scored[-1]))
+    se = suite["accuracy"].se if "accuracy" in suite and len(scored) > 1 else None
     ax.errorbar(x[-1], y[-1], yerr=se, marker="o", ms=8, color=line.get_color(), capsize=3,
                 label=f"{name} (iteration {scored[-1]['iteration']})")
   ax.set_xlabel("new-task reward (held out)")
-  ax.set_ylabel("prior-task accuracy (HellaSwag)")
-  ax.set_title("new task against prior task\n(error bar: paired SE of the prior-task change)")
+  ax.set_ylabel("prior-task accuracy (mean over the suite's tasks)")
+  ax.set_title("new task against prior tasks\n(error bar: paired SE of the prior-task change)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize="small")
   return fig

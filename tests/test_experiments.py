@@ -205,7 +205,13 @@ def test_eight_devices_give_the_metrics_of_one(assets, tmp_path, monkeypatch):
   for a, b in zip(without_time(one), without_time(eight)):
     assert a.keys() == b.keys()
     for key in a:
-      if isinstance(a[key], dict):
+      if key == "prior_tasks":  # per task: items' correctness and margins
+        assert a[key].keys() == b[key].keys()
+        for task in a[key]:
+          assert b[key][task]["correct"] == a[key][task]["correct"], task
+          np.testing.assert_allclose(b[key][task]["margin"], a[key][task]["margin"], rtol=1e-5,
+                                     atol=1e-6, err_msg=task)
+      elif isinstance(a[key], dict):
         np.testing.assert_allclose(list(b[key].values()), list(a[key].values()), rtol=1e-5, atol=1e-7)
       elif isinstance(a[key], float):
         np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-7, err_msg=key)
@@ -267,11 +273,14 @@ def test_main_job_sweep_shares_theta0_noise_and_baseline(assets, tmp_path, monke
                               sweep="smollm2_forgetting", overrides=overrides)
   assert calls == [("smollm2_es", 0), ("smollm2_es", 2), ("smollm2_es_awd", 2)]
   first = [records[0] for records in results.values()]
-  assert first[0] == first[1] and len(first[0]["prior_correct"]) == 2  # the shipped subset
+  # The shipped subset, with each item's correctness and margin.
+  assert first[0] == first[1] and set(first[0]["prior_tasks"]) == {"hellaswag"}
+  assert [len(first[0]["prior_tasks"]["hellaswag"][k]) for k in ("correct", "margin")] == [2, 2]
   np.testing.assert_array_equal(fitness[0], fitness[2])  # iteration 1 of each run: same noise
   assert len(set(fitness[0].mean(axis=1))) == 4 and not np.array_equal(fitness[0], fitness[1])
   table = (tmp_path / "sweep" / "summary.md").read_text().splitlines()
-  assert [line.split("|")[1].strip() for line in table[2:]] == ["smollm2_es", "smollm2_es_awd"]
+  assert [line.split("|")[1].strip() for line in table[2:4]] == ["smollm2_es", "smollm2_es_awd"]
+  assert [line.split("|")[2].strip() for line in table[7:]] == ["hellaswag", "hellaswag"]
 
 
 def test_answer_logprob_fitness_is_each_members_gold_answer_likelihood(assets):
