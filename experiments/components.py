@@ -26,8 +26,6 @@ EVAL_SEED_OFFSET = 10_000
 # task.prior_source=shipped: the subsets shipped for machines without a hub (see data/README.md).
 SHIPPED_PRIOR = {"hellaswag": pathlib.Path(__file__).parent / "data" /
                  "hellaswag_validation_1000.jsonl.gz"}
-# The seed of the num_prior items drawn from a data root or the hub (select_indices).
-PRIOR_SUBSET_SEED = 0
 GENERATED_TARGETS = ("countdown", "arithmetic")
 
 
@@ -114,17 +112,15 @@ def load_priors(config: ExperimentConfig) -> tuple[Prior, ...]:
   priors = []
   for name in names:
     task = get_task(name, protocol=t.prior_protocol)
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {"seed": t.prior_seed}
     if source == "shipped":
       if name not in SHIPPED_PRIOR:
         raise ValueError(f"task.prior_source=shipped, but no subset of {name} is shipped (only "
                          f"{', '.join(SHIPPED_PRIOR)}); give a data root directory instead")
-      where = str(SHIPPED_PRIOR[name])  # a random draw already: its first items
-    elif is_root or source is None:
-      where = None if source is None else str(pathlib.Path(source) / prior_suite.LOCAL_FILES[name])
-      # A fixed random subset: MMLU's files, say, are stored subject by subject.
-      options["seed"] = PRIOR_SUBSET_SEED
-      if name == "mmlu_pro" and where is not None and t.prior_protocol == "generative":
+      where = str(SHIPPED_PRIOR[name])
+    elif is_root:
+      where = str(pathlib.Path(source) / prior_suite.LOCAL_FILES[name])
+      if name == "mmlu_pro" and t.prior_protocol == "generative":
         options["fewshot_source"] = str(pathlib.Path(source) / prior_suite.MMLU_PRO_FEWSHOT)
     else:
       where = source

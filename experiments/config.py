@@ -102,12 +102,14 @@ class TaskSpec:
       :data:`es_jax.evaluation.PRIOR_SUITE` (``hellaswag``, ``piqa``,
       ``arc_easy``, ``arc_challenge``, ``mmlu``, ``mmlu_pro``, ``winogrande``)
       or several, comma-separated (``hellaswag,piqa,arc_easy``).
-    prior_source: where they load from. None: the hub, a fixed random subset
-      of ``num_prior`` items per task; a directory: a data root in the layout
-      of ``../shared/data`` (:data:`experiments.prior_suite.LOCAL_FILES`), the
-      same subsets; a file (one prior task only): its first ``num_prior``
-      items; ``shipped``: the subsets in ``experiments/data/`` (HellaSwag's
-      1000 validation items), for machines without a hub.
+    prior_source: where they load from. None: the hub; a directory: a data
+      root in the layout of ``../shared/data``
+      (:data:`experiments.prior_suite.LOCAL_FILES`); a file (one prior task
+      only); ``shipped``: the subsets in ``experiments/data/`` (HellaSwag's
+      1000 validation items, a random draw), for machines without a hub.
+    prior_seed: None scores each task's first ``num_prior`` items; a seed, a
+      random subset of them (``es_jax.evaluation.select_indices``), which a
+      file stored in order needs (MMLU's go subject by subject).
     prior_protocol: ``loglik`` (lm-eval) or ``generative`` (numbered choice).
     num_prior: items of each prior task scored every ``eval_every``.
     kl_prompts: target-task eval prompts on which KL to the base model is measured.
@@ -125,6 +127,7 @@ class TaskSpec:
   num_eval: int = 200
   prior: str = "hellaswag"
   prior_source: str | None = None
+  prior_seed: int | None = None
   prior_protocol: str = "loglik"
   num_prior: int = 500
   kl_prompts: int = 16
@@ -134,8 +137,11 @@ class TaskSpec:
 
   def __post_init__(self):
     _check_numbers(self, "task.", {"max_new_tokens": MAX_NEW_TOKENS, "num_train": MAX_EXAMPLES,
-                                   "num_eval": MAX_EXAMPLES, "num_prior": MAX_EXAMPLES})
+                                   "num_eval": MAX_EXAMPLES, "num_prior": MAX_EXAMPLES,
+                                   "prior_seed": MAX_SEED})
     _check(self.prior_every >= 1, f"task.prior_every={self.prior_every} must be >= 1")
+    _check(self.prior_seed is None or 0 <= self.prior_seed <= MAX_SEED,
+           f"task.prior_seed={self.prior_seed} must be None or in [0, {MAX_SEED}]")
     _check(self.shots >= 0, f"task.shots={self.shots} must be >= 0")
     _check(self.shots == 0 or self.target == "arithmetic",
            f"task.shots={self.shots} is an option of task.target=arithmetic only; "

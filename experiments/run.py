@@ -77,6 +77,7 @@ SCHEDULE_FIELDS = ("name", "iterations", "eval_every", "checkpoint_every", "keep
 # while at their default, so those runs still resume (their trajectory had the default).
 LATER_FIELDS = (("grpo", "adv_eps"), ("es", "kl_beta"), ("es", "fitness"),
                 ("es", "prompt_centering"), ("task", "shots"), ("task", "prior_every"),
+                ("task", "prior_seed"),
                 ("model", "scan_layers"))
 LATER_SECTIONS = ("mitigation",)
 

@@ -115,7 +115,8 @@ def test_fields_added_later_stay_out_of_the_fingerprint_at_their_default():
   # a changed one counts.
   default = fingerprint(preset("countdown_es"))
   assert "adv_eps" not in default["grpo"] and "kl_beta" not in default["es"]
-  assert "fitness" not in default["es"] and not {"shots", "prior_every"} & set(default["task"])
+  assert "fitness" not in default["es"]
+  assert not {"shots", "prior_every", "prior_seed"} & set(default["task"])
   assert "mitigation" not in default
   assert "chunk_size" not in default["es"]
   changed = fingerprint(apply_overrides(preset("countdown_es"), ["grpo.adv_eps=1e-3"]))

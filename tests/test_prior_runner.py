@@ -56,7 +56,8 @@ def assets(tmp_path_factory):
 def suite_config(assets, *extra):
   overrides = short_run_overrides(assets.checkpoint, assets.gsm8k, assets.data)
   return apply_overrides(preset("countdown_es"), overrides + [
-      "task.prior=hellaswag,piqa,arc_easy", f"task.num_prior={NUM_PRIOR}", *extra])
+      "task.prior=hellaswag,piqa,arc_easy", f"task.num_prior={NUM_PRIOR}", "task.prior_seed=0",
+      *extra])
 
 
 def test_prior_names_one_or_more_suite_tasks():
@@ -77,6 +78,11 @@ def test_a_data_root_gives_each_task_a_fixed_random_subset(assets):
   assert [ex.question for ex in priors[1].examples] == [f"Open jar {i}" for i in drawn]
   assert [ex.label for ex in priors[1].examples] == [i % 2 for i in drawn]
   assert [ex.question for ex in priors[2].examples] == [f"What is {i}+1?" for i in drawn]
+
+
+def test_without_a_prior_seed_each_task_scores_its_first_items(assets):
+  priors = components.load_priors(suite_config(assets, "task.prior_seed=none"))
+  assert [ex.question for ex in priors[1].examples] == [f"Open jar {i}" for i in range(NUM_PRIOR)]
 
 
 def test_sources_that_cannot_serve_the_suite_are_refused(assets):
