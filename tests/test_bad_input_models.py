@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from es_jax import models
-from es_jax.models import checkpoint
+from es_jax.models import checkpoint, hf_checkpoint
 from es_jax.models import gguf as es_gguf
 from es_jax.models.checkpoint import CheckpointError
 from es_jax.models.config import RopeScaling
@@ -43,7 +43,7 @@ def _write_rope_config(path, rope):
   hf = json.loads((source / "config.json").read_text())
   hf = {k: v for k, v in hf.items() if k not in _ROPE_KEYS}
   (path / "config.json").write_text(json.dumps({**hf, **rope}))
-  shutil.copy(source / checkpoint.SINGLE_FILE, path / checkpoint.SINGLE_FILE)
+  shutil.copy(source / hf_checkpoint.SINGLE_FILE, path / hf_checkpoint.SINGLE_FILE)
   return path
 
 

@@ -14,7 +14,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from es_jax.models import checkpoint
+from es_jax.models import checkpoint, hf_checkpoint
 from es_jax.models.checkpoint import CheckpointError
 from model_fixtures import left_padded_batch, ported, save_hf_model, torch_logits
 
@@ -41,9 +41,9 @@ def test_param_mapping_is_a_lossless_key_and_transpose_map():
 def test_sharded_index_checkpoint_loads_like_the_single_file(tmp_path):
   _, _, model, params = ported("llama_tied")
   save_hf_model("llama_tied", tmp_path, max_shard_size="20KB")  # same seed, same weights
-  index = json.loads((tmp_path / checkpoint.INDEX_FILE).read_text())
+  index = json.loads((tmp_path / hf_checkpoint.INDEX_FILE).read_text())
   assert len(set(index["weight_map"].values())) >= 2
-  assert not (tmp_path / checkpoint.SINGLE_FILE).exists()
+  assert not (tmp_path / hf_checkpoint.SINGLE_FILE).exists()
   _assert_trees_equal(checkpoint.load_params(tmp_path, model.config), params)
 
 
@@ -110,7 +110,7 @@ def test_bfloat16_sharded_export_round_trips(tmp_path):
   _, _, model, params = ported("qwen_untied")
   checkpoint.save_pretrained(tmp_path, model.config, params, dtype=jnp.bfloat16,
                              max_shard_bytes=20_000)
-  assert (tmp_path / checkpoint.INDEX_FILE).exists()
+  assert (tmp_path / hf_checkpoint.INDEX_FILE).exists()
   assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
   rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
   config = checkpoint.load_config(tmp_path)
@@ -163,7 +163,7 @@ def sharded_dir(tmp_path_factory):
 
 def _sharded_copy(sharded_dir, tmp_path):
   shutil.copytree(sharded_dir, tmp_path, dirs_exist_ok=True)
-  index = json.loads((tmp_path / checkpoint.INDEX_FILE).read_text())
+  index = json.loads((tmp_path / hf_checkpoint.INDEX_FILE).read_text())
   return index["weight_map"]
 
 
@@ -174,7 +174,7 @@ def _edit_shard(path, edit):
 
 
 def _write_index(tmp_path, weight_map):
-  (tmp_path / checkpoint.INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+  (tmp_path / hf_checkpoint.INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
 
 
 EMBED = "model.embed_tokens.weight"
@@ -190,7 +190,7 @@ def test_a_stale_copy_in_another_shard_is_refused_not_loaded(sharded_dir, tmp_pa
     checkpoint.load_params(tmp_path, ported("qwen_tied")[2].config)
   assert (f"{last} holds a copy of '{EMBED}', which the index maps to {owner}"
           in str(error.value))
-  assert str(tmp_path / checkpoint.INDEX_FILE) in str(error.value)
+  assert str(tmp_path / hf_checkpoint.INDEX_FILE) in str(error.value)
 
 
 def _move_embed(tmp_path, weight_map):
@@ -230,7 +230,7 @@ def test_index_entries_and_shards_that_disagree_are_named(sharded_dir, tmp_path,
     checkpoint.load_model(tmp_path)
   for text in expected:
     assert text in str(error.value)
-  assert str(tmp_path / checkpoint.INDEX_FILE) in str(error.value)
+  assert str(tmp_path / hf_checkpoint.INDEX_FILE) in str(error.value)
 
 
 # ---- shard names (issue "again" #15e): the index names files in its directory, nothing else ----
@@ -277,7 +277,7 @@ def test_an_index_naming_a_file_outside_the_checkpoint_is_refused(sharded_dir, t
   with pytest.raises(CheckpointError) as error:
     checkpoint.load_model(tmp_path / "ckpt")
   message = str(error.value)
-  assert f"{tmp_path / 'ckpt' / checkpoint.INDEX_FILE} names shard files outside" in message
+  assert f"{tmp_path / 'ckpt' / hf_checkpoint.INDEX_FILE} names shard files outside" in message
   assert repr(bad) in message and "plain file names" in message
 
 
@@ -308,7 +308,7 @@ def test_more_layers_than_the_checkpoint_has_is_refused_from_the_headers(tmp_pat
     assert config.num_layers <= 2, "mapping built before checking the headers"
     return real_mapping(config)
 
-  monkeypatch.setattr(checkpoint, "param_mapping", guarded_mapping)
+  monkeypatch.setattr(hf_checkpoint, "param_mapping", guarded_mapping)
   with pytest.raises(CheckpointError, match=(
       rf"the config has num_layers={layers} \(config.json: num_hidden_layers\), but the "
       r"checkpoint holds tensors of only 2 layers, indices \[0, 1\]")):
@@ -354,7 +354,7 @@ def test_unreadable_safetensors_files_are_named(tmp_path, sharded_dir, damage):
   single.mkdir()
   _corrupted_copy(single, lambda t: None)
   weight_map = _sharded_copy(sharded_dir, sharded)
-  for file in (single / checkpoint.SINGLE_FILE, sharded / weight_map[EMBED]):
+  for file in (single / hf_checkpoint.SINGLE_FILE, sharded / weight_map[EMBED]):
     damage(file)
     with pytest.raises(CheckpointError, match="truncated or corrupt: re-download") as error:
       checkpoint.load_model(file.parent)
@@ -369,7 +369,7 @@ def test_unreadable_safetensors_files_are_named(tmp_path, sharded_dir, damage):
 ])
 def test_a_malformed_index_is_named(sharded_dir, tmp_path, index, expected):
   _sharded_copy(sharded_dir, tmp_path)
-  file = tmp_path / checkpoint.INDEX_FILE
+  file = tmp_path / hf_checkpoint.INDEX_FILE
   file.write_text(index if isinstance(index, str) else json.dumps(index))
   with pytest.raises(CheckpointError, match="re-download or re-export") as error:
     checkpoint.load_model(tmp_path)

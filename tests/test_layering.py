@@ -161,3 +161,73 @@ def test_the_scan_finds_what_it_looks_for(tmp_path, monkeypatch):
   models.write_text("from es_jax import noise\nfrom .. import evaluation\n")
   assert [w.split(": ")[1] for w in _upward_imports(models)] == [
       "es_jax.evaluation (a evaluation module)"]
+
+
+def _import_graph() -> dict[str, set[str]]:
+  """es_jax module -> the es_jax modules it imports, lazy imports inside functions included.
+
+  A lazy import hides a circle from Python's import order but not from the
+  design: the two modules still need each other. ``from pkg import sub`` is an
+  edge to the submodule, and importing ``a.b.c`` is an edge to the packages
+  ``a.b`` and ``a`` as well (Python runs them first), except the importer's
+  own packages: every submodule imports those, which is not a circle.
+  """
+  modules = {_module_name(path): path for path in _files("es_jax")}
+  graph = {}
+  for name, path in modules.items():
+    own_packages = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+    targets = set()
+    for module, names, _ in _imports(path):
+      submodules = {f"{module}.{n}" for n in names if f"{module}.{n}" in modules}
+      for target in submodules or {module}:
+        parts = target.split(".")
+        targets |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+    graph[name] = (targets & modules.keys()) - own_packages - {name}
+  return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str]:
+  """One import circle of ``graph`` as ``[a, b, ..., a]``; [] if it has none."""
+  done, stack = set(), []
+
+  def visit(node):
+    if node in stack:
+      return stack[stack.index(node):] + [node]
+    if node in done:
+      return []
+    stack.append(node)
+    for target in sorted(graph.get(node, ())):
+      if found := visit(target):
+        return found
+    stack.pop()
+    done.add(node)
+    return []
+
+  for node in sorted(graph):
+    if found := visit(node):
+      return found
+  return []
+
+
+def test_es_jax_has_no_import_circle():
+  cycle = _cycle(_import_graph())
+  assert not cycle, (f"es_jax modules import each other in a circle: {' -> '.join(cycle)}; move "
+                     "what they share into a module that both import")
+
+
+def test_the_circle_scan_finds_a_lazy_circle(tmp_path, monkeypatch):
+  """The circle check can fail: a function-level import closes a circle; a package's own is not."""
+  monkeypatch.setitem(globals(), "ROOT", tmp_path)
+  (tmp_path / "es_jax" / "models").mkdir(parents=True)
+  (tmp_path / "es_jax" / "__init__.py").write_text("from es_jax import models\n")
+  (tmp_path / "es_jax" / "models" / "__init__.py").write_text(
+      "from es_jax.models.a import f\n")
+  (tmp_path / "es_jax" / "models" / "a.py").write_text(
+      "from es_jax.models import b\ndef f():\n  return b\n")
+  (tmp_path / "es_jax" / "models" / "b.py").write_text("def g():\n  from es_jax.models import a\n")
+  assert _import_graph() == {"es_jax": {"es_jax.models"}, "es_jax.models": {"es_jax.models.a"},
+                             "es_jax.models.a": {"es_jax.models.b"},
+                             "es_jax.models.b": {"es_jax.models.a"}}
+  assert _cycle(_import_graph()) == ["es_jax.models.a", "es_jax.models.b", "es_jax.models.a"]
+  (tmp_path / "es_jax" / "models" / "b.py").write_text("")
+  assert _cycle(_import_graph()) == []

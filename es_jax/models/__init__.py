@@ -20,15 +20,8 @@ from es_jax import _extras
 # Before the submodules: without the extra, say which one to install.
 _extras.require("models", "es_jax.models", ("transformers", "tokenizers", "safetensors", "gguf"))
 
-from es_jax.models.checkpoint import CheckpointError
-from es_jax.models.checkpoint import TensorMapping
-from es_jax.models.checkpoint import load_config
 from es_jax.models.checkpoint import load_model
-from es_jax.models.checkpoint import load_params
-from es_jax.models.checkpoint import param_mapping
 from es_jax.models.checkpoint import resolve_checkpoint
-from es_jax.models.checkpoint import save_pretrained
-from es_jax.models.checkpoint import validate_checkpoint
 from es_jax.models.config import PRESETS
 from es_jax.models.config import ModelConfig
 from es_jax.models.config import SCANNED_LAYERS
@@ -38,6 +31,7 @@ from es_jax.models.decoding import DecodeSettings
 from es_jax.models.decoding import decode
 from es_jax.models.decoding import decode_population
 from es_jax.models.decoding import sample_token
+from es_jax.models.export import save_pretrained
 from es_jax.models.generate import completion_texts
 from es_jax.models.generate import encode_prompts
 from es_jax.models.generate import eos_ids_of
@@ -45,6 +39,12 @@ from es_jax.models.generate import generate_text
 from es_jax.models.generate import generate_text_population
 from es_jax.models.gguf import GGUFError
 from es_jax.models.gguf import PACKAGED_MODELS
+from es_jax.models.hf_checkpoint import load_config
+from es_jax.models.hf_checkpoint import load_params
+from es_jax.models.hf_checkpoint import validate_checkpoint
+from es_jax.models.mapping import CheckpointError
+from es_jax.models.mapping import TensorMapping
+from es_jax.models.mapping import param_mapping
 from es_jax.models.sharding import PARTITION_RULES
 from es_jax.models.sharding import auto_sharded
 from es_jax.models.sharding import param_specs

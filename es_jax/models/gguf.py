@@ -5,7 +5,7 @@ chat template, special ids) and the weights, most of them block-quantised.
 This module reads them with the ``gguf`` package (llama.cpp's own reader and
 dequantiser) and reuses the safetensors path's pure name mapping: every GGUF
 tensor name has one Hugging Face name (:func:`hf_tensor_name`), from which
-:func:`es_jax.models.checkpoint.param_mapping` gives the Flax path. Tensors
+:func:`es_jax.models.mapping.param_mapping` gives the Flax path. Tensors
 are dequantised to float32 one at a time, so host memory never holds two
 copies of the model. llama.cpp stores the rows of ``attn_q`` / ``attn_k`` in
 an interleaved RoPE order; :func:`unpermute_rows` restores Hugging Face's
@@ -42,9 +42,9 @@ from transformers import PreTrainedTokenizerFast
 
 from es_jax import _checks
 from es_jax.models import sharding
-from es_jax.models.checkpoint import (CheckpointError, check_layer_count, in_layout,
-                                      mismatch_lines, param_mapping, place_tensor)
 from es_jax.models.config import ModelConfig
+from es_jax.models.mapping import (CheckpointError, check_layer_count, in_layout, mismatch_lines,
+                                   param_mapping, place_tensor)
 from es_jax.models.transformer import Transformer
 
 PyTree = Any

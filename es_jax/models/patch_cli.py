@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from es_jax import patch as patch_lib
-from es_jax.models import checkpoint
+from es_jax.models import checkpoint, export
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                     "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
@@ -60,8 +60,8 @@ def apply(base: str, patch_path: str, out: str, *, dtype: str | None = None) -> 
   loaded = time.perf_counter()
   params = jax.block_until_ready(patch_lib.apply_patch(patch, params))
   replayed = time.perf_counter()
-  checkpoint.save_pretrained(out, model.config, params,
-                             dtype=None if dtype is None else jnp.dtype(dtype))
+  export.save_pretrained(out, model.config, params,
+                         dtype=None if dtype is None else jnp.dtype(dtype))
   # A local directory, or a hub id load_model has just put in the HF cache (a single
   # file such as a GGUF has no tokenizer files beside it to copy).
   source = pathlib.Path(base)
