@@ -301,6 +301,42 @@ class MitigationSpec:
              f"mitigation.{name}={getattr(self, name)!r}: use one of {allowed}")
 
 
+WANDB_MODES = ("offline", "online")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingSpec:
+  """Experiment tracking beside ``metrics.jsonl`` (:mod:`experiments.tracking`); off by default.
+
+  It does not change the trajectory, so a resume may turn it on or off.
+
+  Attributes:
+    tensorboard: write TensorBoard event files to ``<run dir>/tensorboard/``
+      (needs the ``tracking`` extra: tensorboardX).
+    wandb: log to Weights & Biases, into ``<run dir>/wandb/`` (needs the
+      ``wandb`` extra).
+    wandb_project: the W&B project the run belongs to.
+    wandb_mode: ``offline`` (no network; ``wandb sync <run dir>/wandb/offline-run-*``
+      uploads later) or ``online``.
+  """
+  tensorboard: bool = False
+  wandb: bool = False
+  wandb_project: str = "es_jax"
+  wandb_mode: str = "offline"
+
+  def __post_init__(self):
+    for name in ("tensorboard", "wandb"):
+      _check(isinstance(getattr(self, name), bool),
+             f"tracking.{name}={getattr(self, name)!r}: use true or false")
+    _check(self.wandb_mode in WANDB_MODES,
+           f"tracking.wandb_mode={self.wandb_mode!r}: use one of {WANDB_MODES}")
+    # W&B refuses these characters in a project name, but only once the run has started.
+    _check(isinstance(self.wandb_project, str) and bool(self.wandb_project)
+           and not set(self.wandb_project) & set("/\\#?%:"),
+           f"tracking.wandb_project={self.wandb_project!r}: use a non-empty name without "
+           "/ \\ # ? % :")
+
+
 @dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
   """One run.
@@ -325,6 +361,7 @@ class ExperimentConfig:
   awd: AwdSpec = AwdSpec()
   mitigation: MitigationSpec = MitigationSpec()
   grpo: GrpoConfig = GrpoConfig()
+  tracking: TrackingSpec = TrackingSpec()
   iterations: int = 500
   eval_every: int = 25
   checkpoint_every: int = 25

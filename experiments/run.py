@@ -20,7 +20,9 @@ the plots ``forgetting.png``, ``update_norm.png`` and ``sparsity.png``,
 counts, the AWD anchor, the data position, the metrics and the ES fitness
 vectors so far), and for ES ``run.espatch``: the whole fine-tune as its
 fitness history, which ``python -m es_jax.models.patch_cli apply`` (or
-``es_jax.apply_patch``) turns back into the trained weights. Every run and
+``es_jax.apply_patch``) turns back into the trained weights (with
+``tracking.tensorboard`` / ``tracking.wandb`` also ``tensorboard/`` and
+``wandb/``: the same records, for those viewers). Every run and
 sweep ends with a Markdown table of its first and last records (a sweep's is
 also written to ``summary.md``). Resuming restores the newest checkpoint and
 continues bit-identically: every random draw is a function of the seed and
@@ -59,7 +61,8 @@ from tqdm import tqdm
 import es_jax
 from es_jax.sharding import POP_AXIS
 
-from experiments import components, config as config_lib, evaluate, plots, rundir, summary
+from experiments import (components, config as config_lib, evaluate, plots, rundir, summary,
+                         tracking)
 from experiments.checkpointing import (RunCheckpointError, RunCheckpointer,
                                        silence_closed_event_loop_noise)
 from experiments.config import ExperimentConfig
@@ -69,8 +72,10 @@ from experiments.trainers import make_trainer
 Record = dict[str, Any]
 PATCH_NAME = "run.espatch"
 # Fields that may change between a run and its resumption (they do not change the trajectory).
+# The tracking section is one of them: a resume may turn TensorBoard or wandb on or off, and a
+# checkpoint written before the section existed resumes as well.
 SCHEDULE_FIELDS = ("name", "iterations", "eval_every", "checkpoint_every", "keep_checkpoints",
-                   "prompt_batch", "pop_devices")
+                   "prompt_batch", "pop_devices", "tracking")
 
 
 # Fields added after runs were checkpointed, as (section, field): left out of the fingerprint
@@ -198,6 +203,7 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool,
       if latest == config.iterations:
         print(f"note: {out} is complete but lacks {PATCH_NAME} (the run was stopped before "
               "writing it); writing it from the checkpoint's fitness history.", file=sys.stderr)
+    tracking.check_available(config.tracking)  # a missing library fails before the model loads
     stack.enter_context(mesh_for(config))
     parts = components.build(config)  # checks the data's size before loading the model
     trainer = make_trainer(parts, config)
@@ -217,6 +223,7 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool,
     if checkpointer is None:
       checkpointer = stack.enter_context(RunCheckpointer(
           ckpt_dir, keep_last_n=config.keep_checkpoints, fingerprint=fingerprint(config)))
+    tracker = stack.enter_context(tracking.Tracker(config, out, resumed_at=start))
     if start == 0:
       key = baseline_key(config)
       if key not in baselines:
@@ -224,6 +231,7 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool,
       records.append({**baselines[key], "train_reward": None, "wall_time_s": 0.0})
     # On resume this also drops records a killed run wrote after its last checkpoint.
     _write_metrics(out / "metrics.jsonl", records)
+    tracker.log(records)
     saved = latest
     bar = tqdm(range(start + 1, config.iterations + 1), initial=start, total=config.iterations,
                desc=config.name, disable=not progress, ncols=100)
@@ -245,6 +253,7 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool,
                         "train_reward": info["train_reward"], "wall_time_s": wall,
                         **({"train_kl": info["train_kl"]} if "train_kl" in info else {})})
         _write_metrics(out / "metrics.jsonl", records)
+        tracker.log(records)
         plots.write_plots({config.name: records}, out)
         bar.write(_summary_line(records[-1]))
       if (config.checkpoint_every and iteration % config.checkpoint_every == 0) or last:

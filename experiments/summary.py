@@ -19,7 +19,7 @@ Example:
   ...         "kl_to_base": 0.01, "update_norm": 2.5, "sparsity": 0.1, "wall_time_s": 50.0,
   ...         "seconds": {"prior": 30.0, "total": 40.0}}
   >>> print(table({"es": [first, last]}).splitlines()[2])
-  | es | 10 | 0.200 -> 0.400 | 0.500 -> 0.250 | -0.250 ± 0.250 (MDE 0.70) | -0.125 ± 0.125 (MDE 0.35) | 0.01 | 2.5 | 0.100 | 5.0 | 30 |
+  | es | 10 | 0.200 -> 0.400 | 0.500 -> 0.250 | -0.250 ± 0.250 (MDE 0.700) | -0.125 ± 0.125 (MDE 0.350) | 0.01 | 2.5 | 0.100 | 5.0 | 30 |
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def suite_changes(changes: Mapping[str, Mapping[str, PairedChange]]) -> dict[str
 def _change(change: PairedChange | None) -> str:
   if change is None:
     return "-"
-  return f"{change.mean:+.3f} ± {change.se:.3f} (MDE {change.mde:.2f})"
+  return f"{change.mean:+.3f} ± {change.se:.3f} (MDE {change.mde:.3f})"
 
 
 def row(name: str, records: Sequence[Record]) -> str:

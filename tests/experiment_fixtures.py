@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import types
 
 import numpy as np
 import torch
@@ -57,3 +58,12 @@ def write_short_hellaswag(path: pathlib.Path, n: int = 3) -> pathlib.Path:
           for i in range(n)]
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   return path
+
+
+def make_short_run_assets(root: pathlib.Path) -> types.SimpleNamespace:
+  """The tiny checkpoint, GSM8K rows and HellaSwag items that short_run_overrides names."""
+  return types.SimpleNamespace(
+      root=root,
+      checkpoint=make_tiny_checkpoint(root / "ckpt"),
+      gsm8k=write_short_gsm8k(root / "gsm8k.jsonl"),
+      hellaswag=write_short_hellaswag(root / "hellaswag.jsonl"))

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Every third-party module an extra brings (pyproject.toml) that the core must not import.
 EXTRA_ONLY = ("transformers", "tokenizers", "safetensors", "gguf", "huggingface_hub", "datasets",
-              "tqdm", "orbax", "matplotlib", "evosax", "torch")
+              "tqdm", "orbax", "matplotlib", "evosax", "torch", "tensorboardX", "tensorboard",
+              "wandb")
 
 BLOCKER = textwrap.dedent(f"""
     import importlib.abc, sys

@@ -121,7 +121,7 @@ def test_a_run_records_and_summarises_every_prior_task(assets, tmp_path, monkeyp
          - np.array(first["prior_tasks"][name]["margin"], np.float64))
     se = d.std(ddof=1) / math.sqrt(len(d))
     ses.append(se)
-    assert f"{d.mean():+.3f} ± {se:.3f} (MDE {2.8016 * se:.2f})" in line
+    assert f"{d.mean():+.3f} ± {se:.3f} (MDE {2.801585 * se:.3f})" in line
   suite_se = math.sqrt(sum(se ** 2 for se in ses)) / 3
   assert f"± {suite_se:.3f}" in table.splitlines()[2].split("|")[6]
   assert (out / "forgetting.png").stat().st_size > 0
@@ -132,4 +132,4 @@ def test_records_written_before_the_suite_still_summarise():
            "kl_to_base": 0.0, "update_norm": 0.0, "sparsity": 1.0, "wall_time_s": 0.0}
   last = {**first, "iteration": 4, "prior_correct": [0, 0], "wall_time_s": 8.0}
   table = summary.table({"old": [first, last]})
-  assert "| old | hellaswag | 2 | 0.500 -> 0.000 | -0.500 ± 0.500 (MDE 1.40) | - |" in table
+  assert "| old | hellaswag | 2 | 0.500 -> 0.000 | -0.500 ± 0.500 (MDE 1.401) | - |" in table

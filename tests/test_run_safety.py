@@ -16,14 +16,12 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import types
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from experiment_fixtures import (digit_share_reward, make_tiny_checkpoint, short_run_overrides,
-                                 write_short_gsm8k, write_short_hellaswag)
+from experiment_fixtures import digit_share_reward, make_short_run_assets, short_run_overrides
 from experiments import components, rollouts
 from experiments import run as run_lib
 from experiments.checkpointing import RunCheckpointError, RunCheckpointer
@@ -34,12 +32,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-  root = tmp_path_factory.mktemp("assets")
-  return types.SimpleNamespace(
-      root=root,
-      checkpoint=make_tiny_checkpoint(root / "ckpt"),
-      gsm8k=write_short_gsm8k(root / "gsm8k.jsonl"),
-      hellaswag=write_short_hellaswag(root / "hellaswag.jsonl"))
+  return make_short_run_assets(tmp_path_factory.mktemp("assets"))
 
 
 def overrides(assets, *extra: str) -> list[str]:
