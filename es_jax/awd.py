@@ -51,11 +51,13 @@ def anchored_weight_decay(
       per step). L2 only: soft-thresholding needs the step size.
 
   theta_0 is ``anchor`` if given, else the params seen by ``init``; it is kept
-  in the state (so it is checkpointed with the optimizer). ``init`` refuses,
-  naming the leaf, an anchor whose structure or leaf shapes differ from the
-  params, and params or anchor leaves that are not floating-point arrays;
-  ``update`` refuses updates or params not shaped like the params seen by
-  ``init`` (rather than broadcasting them).
+  in the state as those very arrays, not a copy (see :func:`checked_anchor`), so
+  with :func:`es_jax.anchored_norm_cap` on the same params theta_0 is held once.
+  A jitted step that donates the params or the state deletes theta_0 with them:
+  copy those first. ``init`` refuses, naming the leaf, an anchor whose
+  structure or leaf shapes differ from the params, and params or anchor leaves
+  that are not floating-point arrays; ``update`` refuses updates or params not
+  shaped like the params seen by ``init`` (rather than broadcasting them).
 
   Hyperparameters may be Python, NumPy or JAX numbers. Concrete ones are
   checked here (``strength >= 0``, ``learning_rate > 0``, both finite, and
@@ -138,7 +140,16 @@ def anchored_weight_decay(
 
 
 def checked_anchor(params: PyTree, anchor: PyTree | None, transform: str) -> PyTree:
-  """theta_0 for ``params``: a copy of ``anchor``, or of ``params`` if ``anchor`` is ``None``.
+  """theta_0 for ``params``: ``anchor``, or ``params`` if ``anchor`` is ``None``.
+
+  JAX arrays are kept as they are, not copied: they are immutable, so every
+  transform that anchors on the same params (AWD and the norm cap in one chain)
+  holds the same buffers, and theta_0 costs its size once (28 GB at 7B in
+  float32), not once more per transform. Host leaves (NumPy arrays, which the
+  caller may still edit in place) are copied to the device. The one way to
+  change a JAX array is to donate it to a jitted step, which deletes it: a
+  caller that donates its params or state must copy them first (as
+  :func:`es_jax.replay` does).
 
   Refuses, naming the leaf, params or anchor leaves that are not floating-point
   arrays and an anchor not shaped like params. Shared by the transforms that
@@ -150,7 +161,8 @@ def checked_anchor(params: PyTree, anchor: PyTree | None, transform: str) -> PyT
   if anchor is not None:
     _check_float_leaves(anchor, "anchor", transform)
     _check_like(anchor, "anchor", params, "params")
-  return jax.tree.map(jnp.array, params if anchor is None else anchor)
+  return jax.tree.map(lambda x: x if isinstance(x, jax.Array) else jnp.array(x),
+                      params if anchor is None else anchor)
 
 
 def check_step_shapes(updates: PyTree, params: PyTree | None, stored: PyTree) -> None:

@@ -27,7 +27,7 @@ PyTree = Any
 
 
 class AnchoredNormCapState(NamedTuple):
-  """The anchor theta_0 (kept in the state, so it is checkpointed with the optimizer)."""
+  """The anchor theta_0: the params' (or the given anchor's) own arrays, shared, not copied."""
 
   anchor: PyTree
 
@@ -63,7 +63,8 @@ def anchored_norm_cap(
   not preserve the bound), so the bound holds after every step. Frozen leaves
   (zero step) count with their current distance, normally 0.
 
-  theta_0 is ``anchor`` if given, else the params seen by ``init``. As in
+  theta_0 is ``anchor`` if given, else the params seen by ``init``, kept as those
+  arrays (no copy: with AWD on the same params both hold one theta_0). As in
   :func:`es_jax.anchored_weight_decay` (the same checks and messages), ``init``
   refuses, naming the leaf, an anchor not shaped like the params and params or
   anchor leaves that are not floating-point arrays; ``update`` refuses updates

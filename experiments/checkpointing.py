@@ -5,9 +5,30 @@ A thin layer over ``orbax.checkpoint.CheckpointManager``. Each step directory
 
   * ``arrays``: every leaf of the state as a flat ``{leaf path: array}`` dict
     (typed PRNG keys as their ``jax.random.key_data``);
-  * ``manifest``: JSON with the run ``fingerprint``, a SHA-256 of ``meta`` and,
-    per leaf, its path, shape, dtype, PRNG impl and a checksum of its bits;
+  * ``manifest``: JSON with the run ``fingerprint``, a SHA-256 of ``meta``,
+    per leaf, its path, shape, dtype, PRNG impl and a checksum of its bits,
+    and ``anchors``, the subtrees left out (below);
   * ``meta``: the caller's JSON (iteration, data position, metrics, config).
+
+theta_0 is not stored. A run's state holds the base params theta_0 in its
+anchored transforms' states (AWD, the norm cap): 28 GB at 7B in float32, the
+same in every checkpoint, and already on disk as the base checkpoint the run
+loads. ``save(..., anchors=paths)`` names those subtrees (the trainer knows
+where they are: :func:`experiments.trainers.anchor_paths`); orbax writes none
+of their leaves, and the manifest records, per path, the
+:func:`es_jax.params_sha256` of the subtree, the digest an ``.espatch`` of the
+run records for its base. ``restore(like)`` takes those subtrees from
+``like``, the state the run initialised from the base it loaded afresh (so
+they are the base's own arrays again, shared, not copies), once their digest
+is the recorded one; a base that changed since the run started is refused,
+naming both digests. A path is named, not found by comparing values, because
+a state may hold theta_0's values elsewhere by chance (the params, before the
+first step) and those must be stored. Checkpoints of earlier versions hold the
+anchors: restored with the same ``anchors=``, their stored anchors are
+checked bit for bit against ``like``'s and then replaced by them. The
+manifest format is 3 when anchors were left out and 2 (the earlier layout)
+otherwise, so earlier versions read every checkpoint they can and refuse the
+others by their format.
 
 Atomicity is orbax's: a step is written into ``<step>.orbax-checkpoint-tmp``
 and renamed to ``<step>`` only once complete (one ``rename``, atomic on POSIX
@@ -44,23 +65,30 @@ import os
 import pathlib
 import re
 import sys
-from typing import Any, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from es_jax.patch import params_sha256
+
 PyTree = Any
-_FORMAT = 2  # version of the manifest layout, so a future change is recognised (2: meta checksum)
+# Version of the manifest layout, so a future change is recognised (2: meta checksum, 3: anchors
+# left out; written only when some are).
+_FORMAT = 3
+_FORMAT_WITHOUT_ANCHORS = 2
+_READABLE_FORMATS = (2, 3)
 _INCOMPATIBLE_HINT = ("Resume with the configuration that wrote it, or start a fresh run with a "
                       "new --out.")
 
 
 class RunCheckpointError(ValueError):
   """A run checkpoint (this module's orbax state of a run) is corrupt, incompatible with the
-  run, or would be overwritten. A model's weights that cannot be read raise
-  :class:`es_jax.models.checkpoint.CheckpointError` instead."""
+  run (or with its base, theta_0), or would be overwritten. A model's weights that cannot be
+  read raise :class:`es_jax.models.checkpoint.CheckpointError` instead."""
 
 
 class RunCheckpointer:
@@ -95,6 +123,7 @@ class RunCheckpointer:
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_names=("arrays", "manifest", "meta"))
     self._known_fingerprint_step = None  # a step known to carry self.fingerprint
+    self._digest_cache = None  # (key, leaves, sha256) of the last anchor subtree hashed
 
   def all_steps(self) -> list[int]:
     """Committed steps, oldest first (tmp directories of unfinished saves are not steps)."""
@@ -106,15 +135,28 @@ class RunCheckpointer:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
-  def save(self, step: int, state: PyTree, meta: Mapping[str, Any]) -> None:
+  def save(self, step: int, state: PyTree, meta: Mapping[str, Any], *,
+           anchors: Sequence[str] = ()) -> None:
     """Writes ``state`` and ``meta`` as ``step``; returns once it is committed on disk.
+
+    Args:
+      step: the step number; after the latest step.
+      state: the pytree to store.
+      meta: JSON-able data stored beside it.
+      anchors: paths (``"opt_state/2/anchor"``, as the manifest names leaves) of
+        subtrees of ``state`` that hold theta_0, the run's base params: not
+        written; their sha256 is recorded and :meth:`restore` takes them from
+        its ``like``. Hashing reads theta_0 to the host once per checkpointer
+        (the digest is kept while the subtree's arrays are the same objects).
 
     Raises:
       RunCheckpointError: ``step`` is not after the latest step, or the directory
         holds a run with a different fingerprint.
       TypeError: ``meta`` is not JSON-able.
+      ValueError: a path of ``anchors`` names no subtree of ``state``.
     """
     step = operator.index(step)
+    subtrees = _subtrees(state, anchors, "state")
     latest = self.latest_step()
     if latest is not None and step <= latest:
       raise RunCheckpointError(
@@ -130,12 +172,16 @@ class RunCheckpointer:
         self._check_fingerprint(latest, stored)
     meta = _through_json(dict(meta), "meta")
     paths, leaves, _ = _flatten(state)
+    kept = [(path, leaf) for path, leaf in zip(paths, leaves) if not _under(path, subtrees)]
+    paths, leaves = [path for path, _ in kept], [leaf for _, leaf in kept]
     data = [_key_data_or_array(leaf) for leaf in leaves]
-    manifest = {"format": _FORMAT, "fingerprint": self.fingerprint,
-                "meta_sha256": _meta_digest(meta), "leaves": [
+    manifest = {"format": _FORMAT if subtrees else _FORMAT_WITHOUT_ANCHORS,
+                "fingerprint": self.fingerprint, "meta_sha256": _meta_digest(meta), "leaves": [
         {"path": path, "shape": list(np.shape(leaf)), "dtype": str(_dtype(leaf)),
          "key_impl": _key_impl(leaf), "checksum": checksum}
         for path, leaf, checksum in zip(paths, leaves, _checksums(data))]}
+    if subtrees:
+      manifest["anchors"] = {path: self._sha256(tree) for path, tree in subtrees.items()}
     try:
       with _orbax_error_logs_silenced():  # the error is raised below, once, with its cause
         self._manager.save(step, force=True, args=ocp.args.Composite(
@@ -163,20 +209,48 @@ class RunCheckpointer:
     step = self._step_to_restore(step)
     return self._verified_json(step)[1]
 
-  def restore(self, like: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
+  def restore(self, like: PyTree, step: int | None = None, *,
+              anchors: Sequence[str] = ()) -> tuple[PyTree, dict]:
     """Returns ``(state, meta)`` of ``step`` (default: the latest).
 
     ``like`` is a freshly initialised state: the result has its tree structure
-    (NamedTuples, static nodes), dtypes, PRNG impls and shardings.
+    (NamedTuples, static nodes), dtypes, PRNG impls and shardings. The anchors
+    that :meth:`save` left out are ``like``'s subtrees themselves (theta_0 as
+    this run loaded it), once their sha256 is the one recorded.
+
+    Args:
+      like: the state initialised from the run's base params.
+      step: the step to restore; default the latest.
+      anchors: the paths of ``like``'s theta_0 subtrees, as given to
+        :meth:`save`. Needed only for checkpoints that hold the anchors
+        (written before they were left out): those are checked bit for bit
+        against ``like``'s and replaced by them, so theta_0 is held once.
 
     Raises:
       RunCheckpointError: no such step; the step is corrupt (unreadable files,
-        checksum mismatch); or it is incompatible (fingerprint, tree structure,
-        leaf shape or dtype differ from ``like``).
+        checksum mismatch); it is incompatible (fingerprint, tree structure,
+        leaf shape or dtype differ from ``like``); or its theta_0 is not
+        ``like``'s (the base checkpoint changed since the run started).
+      ValueError: a path of ``anchors`` names no subtree of ``like``.
     """
     step = self._step_to_restore(step)
     manifest, meta = self._verified_json(step)
-    paths, like_leaves, treedef = _flatten(like)
+    left_out = manifest.get("anchors", {})
+    named = _subtrees(like, anchors, "`like`")
+    rebuilt = _subtrees(like, left_out, None)
+    if missing := sorted(set(left_out) - set(rebuilt)):
+      raise RunCheckpointError(
+          f"Checkpoint {self.directory / str(step)} left out theta_0 at {_listed(missing)} (to be "
+          "rebuilt from the base params on restore), but `like` has no such subtree. "
+          f"{_INCOMPATIBLE_HINT}")
+    for path, tree in rebuilt.items():
+      if (digest := self._sha256(tree)) != left_out[path]:
+        raise self._base_changed(step, f"its theta_0 (at {path}) has sha256 {left_out[path]}, "
+                                       f"the base params this run loaded have sha256 {digest}")
+    all_paths, all_like_leaves, treedef = _flatten(like)
+    stored_paths = [(path, leaf) for path, leaf in zip(all_paths, all_like_leaves)
+                    if not _under(path, left_out)]
+    paths, like_leaves = [path for path, _ in stored_paths], [leaf for _, leaf in stored_paths]
     self._check_leaves(step, manifest["leaves"], paths, like_leaves)
     target = {path: _restore_target(leaf) for path, leaf in zip(paths, like_leaves)}
     try:
@@ -191,10 +265,21 @@ class RunCheckpointer:
     if garbled:
       raise self._corrupt(step, f"the bits of {_listed(garbled)} differ from those it was saved "
                                 "with")
-    leaves = [_like_type(like_leaf, array) for like_leaf, array in zip(like_leaves, data)]
+    # Anchors stored by an earlier version must be this run's theta_0, bit for bit.
+    if differing := [path for path, like_leaf, array in zip(paths, like_leaves, data)
+                     if _under(path, named)
+                     and not bool(_same_bits(array, _key_data_or_array(like_leaf)))]:
+      raise self._base_changed(step, f"its stored theta_0 differs from the base params this run "
+                                     f"loaded at {_listed(differing)}")
+    restored = {path: _like_type(like_leaf, array)
+                for path, like_leaf, array in zip(paths, like_leaves, data)}
+    # Every anchor, left out or stored, is like's own array: the state holds theta_0 once.
+    leaves = [restored[path] if path in restored and not _under(path, named) else like_leaf
+              for path, like_leaf in zip(all_paths, all_like_leaves)]
     return jax.tree.unflatten(treedef, leaves), meta
 
   def close(self) -> None:
+    self._digest_cache = None
     self._manager.close()
 
   def __enter__(self) -> RunCheckpointer:
@@ -215,20 +300,43 @@ class RunCheckpointer:
   def _verified_json(self, step: int) -> tuple[dict, dict]:
     """The manifest and meta of ``step``, checked for format, fingerprint and meta checksum."""
     manifest, meta = self._read_json(step)
-    if isinstance(manifest, dict) and manifest.get("format") not in (_FORMAT, None):
+    if isinstance(manifest, dict) and manifest.get("format") not in (*_READABLE_FORMATS, None):
       raise RunCheckpointError(
           f"Checkpoint {self.directory / str(step)} has manifest format "
-          f"{manifest.get('format')!r}; this version reads format {_FORMAT}. Resume it with the "
-          "version of es_jax that wrote it, or start a fresh run with a new --out.")
-    if not (isinstance(manifest, dict) and manifest.get("format") == _FORMAT
+          f"{manifest.get('format')!r}; this version reads formats "
+          f"{', '.join(map(str, _READABLE_FORMATS))}. Resume it with the version of es_jax that "
+          "wrote it, or start a fresh run with a new --out.")
+    if not (isinstance(manifest, dict) and manifest.get("format") in _READABLE_FORMATS
             and isinstance(manifest.get("leaves"), list) and isinstance(meta, dict)
-            and isinstance(manifest.get("meta_sha256"), str)):
+            and isinstance(manifest.get("meta_sha256"), str)
+            and _valid_anchors(manifest.get("anchors", {}), manifest["format"])):
       raise self._corrupt(step, "its manifest or meta is missing or malformed")
     self._check_fingerprint(step, manifest.get("fingerprint"))
     if _meta_digest(meta) != manifest["meta_sha256"]:
       raise self._corrupt(step, "its meta (iteration, metrics...) differs from the meta it was "
                                 "saved with")
     return manifest, meta
+
+  def _sha256(self, tree: PyTree) -> str:
+    """:func:`es_jax.params_sha256` of ``tree``, kept while its arrays are the same objects.
+
+    The runner's anchors stay the base's own arrays for the whole run (JAX
+    arrays are immutable), so theta_0 is read to the host and hashed once, not
+    at every save (a minute at 7B). The leaves are held with the digest, so
+    their ids cannot be reused by other arrays while it is kept.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    key = (treedef, tuple(id(leaf) for leaf in leaves))
+    if self._digest_cache is None or self._digest_cache[0] != key:
+      self._digest_cache = (key, leaves, params_sha256(tree))
+    return self._digest_cache[2]
+
+  def _base_changed(self, step: int, problem: str) -> RunCheckpointError:
+    return RunCheckpointError(
+        f"Checkpoint {self.directory / str(step)} was written from another theta_0: the base "
+        f"checkpoint changed since this run started ({problem}). Nothing was changed; resume with "
+        "the base the run started from (its model.checkpoint as it was), or start a fresh run "
+        "with a new --out.")
 
   def _write_failed(self, step: int, error: Exception) -> Exception:
     """An ``OSError`` naming the step for a save the file system refused; else ``error``."""
@@ -291,6 +399,14 @@ class RunCheckpointer:
                               "new --out.")
 
 
+def _valid_anchors(anchors: Any, manifest_format: int) -> bool:
+  """Whether ``anchors`` is a manifest's record of left-out subtrees (none before format 3)."""
+  if manifest_format < _FORMAT:
+    return anchors == {}
+  return (isinstance(anchors, dict) and bool(anchors)
+          and all(isinstance(v, str) for v in anchors.values()))
+
+
 def _meta_digest(meta: dict) -> str:
   # Canonical text: the meta as saved and as read back (through JSON both) give the same bytes.
   text = json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=True)
@@ -340,10 +456,55 @@ def silence_closed_event_loop_noise() -> None:
   sys.unraisablehook = _drop_closed_event_loop
 
 
+def path_name(key_path: tuple) -> str:
+  """A leaf's (or subtree's) name in the manifest, e.g. ``opt_state/2/anchor/embed``.
+
+  Example:
+    >>> path_name((jax.tree_util.DictKey("opt_state"), jax.tree_util.SequenceKey(2)))
+    'opt_state/2'
+  """
+  return jax.tree_util.keystr(tuple(key_path), simple=True, separator="/") or "<root>"
+
+
+def _subtrees(tree: PyTree, paths: Iterable[str], what: str | None) -> dict[str, PyTree]:
+  """The subtrees of ``tree`` at ``paths`` (manifest names), by name.
+
+  With ``what`` (how the tree is named in the message) a path that names no
+  subtree raises ValueError; without, it is left out of the result.
+  """
+  wanted = set(paths)
+  if not wanted:
+    return {}
+  nodes, _ = jax.tree_util.tree_flatten_with_path(
+      tree, is_leaf=lambda key_path, _: path_name(key_path) in wanted, is_leaf_takes_path=True)
+  found = {path_name(key_path): node for key_path, node in nodes
+           if path_name(key_path) in wanted}
+  if what is not None and (missing := sorted(wanted - set(found))):
+    raise ValueError(f"no subtree of {what} is at the anchors path(s) {_listed(missing)}; name "
+                     "its theta_0 subtrees as the manifest names leaves, e.g. "
+                     "'opt_state/2/anchor' (experiments.trainers.anchor_paths finds them).")
+  return found
+
+
+def _under(path: str, prefixes: Iterable[str]) -> bool:
+  """Whether the leaf named ``path`` is in one of the subtrees named ``prefixes``."""
+  return any(path == prefix or path.startswith(prefix + "/") or prefix == "<root>"
+             for prefix in prefixes)
+
+
+@jax.jit
+def _same_bits(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Whether two arrays of one dtype and shape hold the same bits (NaNs and -0.0 included)."""
+  if a.dtype == jnp.bool_:
+    return jnp.array_equal(a, b)
+  unsigned = jnp.dtype(f"uint{8 * a.dtype.itemsize}")
+  return jnp.array_equal(jax.lax.bitcast_convert_type(a, unsigned),
+                         jax.lax.bitcast_convert_type(b, unsigned))
+
+
 def _flatten(tree: PyTree) -> tuple[list[str], list[Any], Any]:
   path_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  paths = [jax.tree_util.keystr(path, simple=True, separator="/") or "<root>"
-           for path, _ in path_leaves]
+  paths = [path_name(path) for path, _ in path_leaves]
   if len(set(paths)) != len(paths):
     raise ValueError(f"Leaf paths must be unique to be stored by name, got {paths}.")
   return paths, [leaf for _, leaf in path_leaves], treedef

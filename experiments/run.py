@@ -17,8 +17,8 @@ to the base model, the fitness penalty divided by beta), and ``wall_time_s``:
 seconds spent training so far, evaluation excluded, summed over resumptions),
 the plots ``forgetting.png``, ``update_norm.png`` and ``sparsity.png``,
 ``checkpoints/`` (orbax; params, optimizer and ES state with its keys and
-counts, the AWD anchor, the data position, the metrics and the ES fitness
-vectors so far), and for ES ``run.espatch``: the whole fine-tune as its
+counts, the data position, the metrics and the ES fitness vectors so far;
+not theta_0, see below), and for ES ``run.espatch``: the whole fine-tune as its
 fitness history, which ``python -m es_jax.models.patch_cli apply`` (or
 ``es_jax.apply_patch``) turns back into the trained weights (with
 ``tracking.tensorboard`` / ``tracking.wandb`` also ``tensorboard/`` and
@@ -27,6 +27,14 @@ sweep ends with a Markdown table of its first and last records (a sweep's is
 also written to ``summary.md``). Resuming restores the newest checkpoint and
 continues bit-identically: every random draw is a function of the seed and
 the iteration.
+
+theta_0 is not in the checkpoints: the AWD and norm-cap anchors are the base
+params the run loads (``model.checkpoint``; one copy in memory, shared by both),
+so each checkpoint records only their :func:`es_jax.params_sha256` and a
+resume takes them from the freshly loaded base, refusing it if its digest
+differs (the base checkpoint changed since the run started). Checkpoints that
+hold the anchors (written by earlier versions) resume too, once their anchors
+equal the base bit for bit (see :mod:`experiments.checkpointing`).
 
 The directory is the runner's: ``config.json`` carries ``"runner":
 "experiments.run"``, and a run holds an exclusive lock on ``.lock`` while it
@@ -67,7 +75,7 @@ from experiments.checkpointing import (RunCheckpointError, RunCheckpointer,
                                        silence_closed_event_loop_noise)
 from experiments.config import ExperimentConfig
 from experiments.rundir import RunError
-from experiments.trainers import make_trainer
+from experiments.trainers import anchor_paths, make_trainer
 
 Record = dict[str, Any]
 PATCH_NAME = "run.espatch"
@@ -210,7 +218,7 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool,
     state = trainer.init(parts.params0)
     start, records, wall, history = 0, [], 0.0, []
     if latest is not None:
-      state, meta = checkpointer.restore(state, step=latest)
+      state, meta = checkpointer.restore(state, step=latest, anchors=anchor_paths(state))
       _check_resumable(checkpointer, latest, meta, config)
       start, records, wall = meta["iteration"], list(meta["metrics"]), meta["wall_time_s"]
       history = _history_from_meta(meta, start)
@@ -259,7 +267,7 @@ def _run_claimed(config: ExperimentConfig, out: pathlib.Path, *, progress: bool,
       if (config.checkpoint_every and iteration % config.checkpoint_every == 0) or last:
         checkpointer.save(iteration, state, {
             "iteration": iteration, "data_position": info["data_position"], "metrics": records,
-            "wall_time_s": wall, **_history_meta(history)})
+            "wall_time_s": wall, **_history_meta(history)}, anchors=anchor_paths(state))
         saved = iteration
     if history:
       write_patch(out / PATCH_NAME, trainer.recipe, parts.params0, history, config)

@@ -8,6 +8,12 @@ on the same model and task. Everything random is a function of the config's
 seed and the iteration, so a state restored from a checkpoint continues
 exactly as the uninterrupted run would. Each step reports ``params_finite``:
 whether the updated params are all finite (the runner stops when they are not).
+
+theta_0 lives once: the AWD and norm-cap states' anchors are the base params'
+own arrays (``init`` does not copy them), and the ES step keeps them so (a
+jitted function returns new buffers even for an input it passes through, so
+the anchors go in but do not come out). :func:`anchor_paths` names them, for
+the checkpoints to leave out.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import optax
 import es_jax
 from es_jax.models import SCANNED_LAYERS
 from es_jax.replay import all_finite
-from experiments import components, grpo, likelihood, rollouts
+from experiments import checkpointing, components, grpo, likelihood, rollouts
 from experiments.components import Components
 from experiments.config import ExperimentConfig
 
@@ -30,6 +36,35 @@ State = dict[str, PyTree]
 
 
 _all_finite = jax.jit(all_finite)
+_ANCHORED = (es_jax.AnchoredWeightDecayState, es_jax.AnchoredNormCapState)
+
+
+def _is_anchored(node: Any) -> bool:
+  return isinstance(node, _ANCHORED)
+
+
+def anchor_paths(state: State) -> tuple[str, ...]:
+  """Where ``state`` holds theta_0: its AWD and norm-cap anchors, as checkpoint paths.
+
+  What :meth:`~experiments.checkpointing.RunCheckpointer.save` leaves out and
+  :meth:`~experiments.checkpointing.RunCheckpointer.restore` rebuilds from the
+  base (``anchors=``). Found by the states' types, wherever the chain puts them.
+  """
+  nodes, _ = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_anchored)
+  return tuple(checkpointing.path_name((*path, jax.tree_util.GetAttrKey("anchor")))
+               for path, node in nodes if _is_anchored(node))
+
+
+def _without_anchors(opt_state: PyTree) -> PyTree:
+  return jax.tree.map(lambda node: node._replace(anchor=None) if _is_anchored(node) else node,
+                      opt_state, is_leaf=_is_anchored)
+
+
+def _with_anchors_of(opt_state: PyTree, source: PyTree) -> PyTree:
+  """``opt_state`` with the anchors of ``source`` (the same state before the step) put back."""
+  return jax.tree.map(
+      lambda node, old: node._replace(anchor=old.anchor) if _is_anchored(node) else node,
+      opt_state, source, is_leaf=_is_anchored)
 
 
 def es_recipe(config: ExperimentConfig) -> es_jax.EsRecipe:
@@ -72,7 +107,10 @@ class EsTrainer:
     def apply(params, opt_state, fitness):
       updates, opt_state = self.tx.update(None, opt_state, params, fitness=fitness)
       params = optax.apply_updates(params, updates)
-      return params, opt_state, all_finite(params)  # checked inside the update: no extra pass
+      # The anchors are not returned: they would come back as a copy of theta_0 per transform.
+      # Nothing is donated, so the caller's anchors stay valid to be put back.
+      # all_finite is checked inside the update: no extra pass.
+      return params, _without_anchors(opt_state), all_finite(params)
 
     self._apply = apply
 
@@ -106,6 +144,7 @@ class EsTrainer:
     fitness = np.asarray(fitness, np.float32)
     # ``fitness`` is what the update sees, and the patch stores.
     params, opt_state, finite = self._apply(state["params"], state["opt_state"], fitness)
+    opt_state = _with_anchors_of(opt_state, state["opt_state"])
     info = {"fitness": fitness, "train_reward": float(np.nanmean(rewards)),
             "train_reward_max": float(np.nanmax(rewards)),
             "failed_members": int(np.sum(~np.isfinite(fitness))), "data_position": position,

@@ -453,3 +453,48 @@ def test_prompt_centering_feeds_each_prompts_centred_rewards(assets, monkeypatch
   if centering == "normalize":
     centred = centred / (matrix.std(axis=0) + 1e-8)
   np.testing.assert_allclose(info["fitness"], centred.mean(axis=1), rtol=1e-5, atol=1e-6)
+
+
+def _anchors(state):
+  """The theta_0 subtrees of the state: the AWD and norm-cap states' anchors."""
+  anchored = (es_jax.AnchoredWeightDecayState, es_jax.AnchoredNormCapState)
+  nodes = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, anchored))
+  return [node.anchor for node in nodes if isinstance(node, anchored)]
+
+
+def test_awd_and_norm_cap_keep_one_theta0_and_resume_bit_identically(assets, tmp_path,
+                                                                      monkeypatch):
+  """theta_0 lives once: the trainer's steps keep both anchors as the base's own arrays, the
+  checkpoints leave them out, a resume rebuilds them from the base (checked by its sha256) and
+  continues bit-identically, and a base that changed since the run started is refused."""
+  monkeypatch.setattr(rollouts, "score", digit_share_reward)
+  checkpoint = make_tiny_checkpoint(tmp_path / "ckpt")  # its own: replaced at the end
+  overrides = short_run_overrides(checkpoint, assets.gsm8k, assets.hellaswag) + [
+      "awd.kind=l2", "awd.strength=10", "mitigation.norm_cap=0.3", "iterations=4"]
+  config = apply_overrides(preset("countdown_es"), overrides)
+
+  parts = components.build(config)
+  trainer = make_trainer(parts, config)
+  state = trainer.init(parts.params0)
+  for iteration in (1, 2):
+    state, _ = trainer.step(state, iteration)
+  base = jax.tree.leaves(parts.params0)
+  assert len(_anchors(state)) == 2
+  for anchor in _anchors(state):
+    assert all(a is b for a, b in zip(jax.tree.leaves(anchor), base, strict=True))
+
+  reference = run(config, tmp_path / "reference", progress=False)
+  assert reference[-1]["update_norm"] == pytest.approx(0.3, rel=1e-4)  # the cap binds
+  split = tmp_path / "split"
+  run(apply_overrides(config, ["iterations=2"]), split, progress=False)
+  resumed = run(config, split, resume=True, progress=False)
+  assert without_time(resumed) == without_time(reference)
+  manifest = json.loads((split / "checkpoints" / "4" / "manifest" / "metadata").read_text())
+  assert not [e["path"] for e in manifest["leaves"] if "anchor" in e["path"]]
+  assert set(manifest["anchors"].values()) == {es_jax.params_sha256(parts.params0)}
+  assert_trees_equal(final_state(config, split), final_state(config, tmp_path / "reference"))
+
+  make_tiny_checkpoint(checkpoint, seed=1)  # the base changes under the run
+  with pytest.raises(RunCheckpointError, match="the base checkpoint changed since this run "
+                                               "started"):
+    run(apply_overrides(config, ["iterations=6"]), split, resume=True, progress=False)
