@@ -24,8 +24,9 @@ PyTree = Any
 # Countdown has no public split to hold out: a disjoint generator seed makes the eval set.
 EVAL_SEED_OFFSET = 10_000
 # task.prior_source=shipped: the subsets shipped for machines without a hub (see data/README.md).
-SHIPPED_PRIOR = {"hellaswag": pathlib.Path(__file__).parent / "data" /
-                 "hellaswag_validation_1000.jsonl.gz"}
+SHIPPED_PRIOR = {name: pathlib.Path(__file__).parent / "data" / file for name, file in (
+    ("hellaswag", "hellaswag_validation_1000.jsonl.gz"), ("piqa", "piqa_validation_500.jsonl.gz"),
+    ("arc_easy", "arc_easy_test_500.jsonl.gz"))}
 GENERATED_TARGETS = ("countdown", "arithmetic")
 
 

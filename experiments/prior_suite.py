@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 2
     result = evaluate_loglik(task, examples, None, tokenizer, batch_size=args.batch_size,
                              logprobs_fn=logprobs_fn, progress=False)
-    metric = "acc_norm" if "acc_norm" in result.records[0].metrics else "acc"
+    metric = task.headline  # the metric that "accuracy" is
     p, n = float(result.summary.metrics["accuracy"]), len(examples)
     se = math.sqrt(p * (1 - p) / n)
     base = chance(examples)

@@ -89,8 +89,9 @@ def test_sources_that_cannot_serve_the_suite_are_refused(assets):
   one_file = str(assets.data / "piqa" / "valid.jsonl")
   with pytest.raises(ValueError, match="is one file, but task.prior=.* names several tasks"):
     components.load_priors(suite_config(assets, f"task.prior_source={one_file}"))
-  with pytest.raises(ValueError, match="no subset of piqa is shipped"):
-    components.load_priors(suite_config(assets, "task.prior_source=shipped"))
+  with pytest.raises(ValueError, match="no subset of mmlu is shipped"):
+    components.load_priors(suite_config(assets, "task.prior=piqa,mmlu",
+                                        "task.prior_source=shipped"))
   more = suite_config(assets, "task.num_prior=20")
   with pytest.raises(ValueError, match="task.num_prior=20 but the hellaswag prior data "
                                        f"\\({assets.data}/hellaswag/.*\\) has only 9"):

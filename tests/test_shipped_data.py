@@ -1,4 +1,4 @@
-"""The HellaSwag subset shipped for the main job is exactly the documented draw."""
+"""The prior-task subsets shipped for the main job are exactly the documented draws."""
 
 import gzip
 import json
@@ -6,7 +6,8 @@ import pathlib
 
 import pytest
 
-from es_jax.evaluation import HellaSwagTask, select_indices
+from es_jax.evaluation import HellaSwagTask, get_task, select_indices
+from experiments import components
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "experiments" / "data" / "hellaswag_validation_1000.jsonl.gz"
@@ -31,3 +32,26 @@ def test_subset_loads_as_hellaswag():
   # Labels of a uniform sample are roughly balanced (the split's are).
   counts = [sum(ex.label == k for ex in examples) for k in range(4)]
   assert min(counts) > 200, counts
+
+
+SUITE_SUBSETS = [  # (task, shipped file, the shared split it was drawn from, items)
+    ("piqa", "piqa_validation_500.jsonl.gz", "piqa/valid.jsonl", 500),
+    ("arc_easy", "arc_easy_test_500.jsonl.gz", "arc_easy/test.jsonl", 500),
+]
+
+
+@pytest.mark.parametrize("name, file, split, n", SUITE_SUBSETS)
+def test_suite_subsets_are_the_seed_0_draws_of_their_splits(name, file, split, n):
+  shared = ROOT.parent / "shared" / "data" / split
+  if not shared.exists():
+    pytest.skip(f"{shared} absent: cannot redraw the subset")
+  task = get_task(name)
+  content = lambda ex: (ex.question, ex.options, ex.label)  # ids are row numbers
+  shipped = task.load(str(ROOT / "experiments" / "data" / file))
+  assert [content(ex) for ex in shipped] == [content(ex) for ex in
+                                             task.load(str(shared), limit=n, seed=0)]
+
+
+def test_the_runner_ships_exactly_these_subsets():
+  assert {name: path.name for name, path in components.SHIPPED_PRIOR.items()} == {
+      "hellaswag": SHIPPED.name, **{name: file for name, file, _, _ in SUITE_SUBSETS}}
